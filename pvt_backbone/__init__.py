@@ -1,0 +1,37 @@
+"""PVTv2 (Pyramid Vision Transformer v2) as a plain-PyTorch backbone for detection and segmentation."""
+
+from .backbone import BackboneOptions, PVTv2Backbone
+from .classifier import (
+    PVT_V2,
+    PVTv2,
+    build_classifier,
+    pvt_v2_b0,
+    pvt_v2_b1,
+    pvt_v2_b2,
+    pvt_v2_b2_li,
+    pvt_v2_b3,
+    pvt_v2_b4,
+    pvt_v2_b5,
+)
+from .config import VARIANTS, FeatureSpec, PVTv2Config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PVTv2Backbone",
+    "PVTv2",
+    "PVT_V2",
+    "PVTv2Config",
+    "FeatureSpec",
+    "VARIANTS",
+    "BackboneOptions",
+    "build_classifier",
+    "pvt_v2_b0",
+    "pvt_v2_b1",
+    "pvt_v2_b2",
+    "pvt_v2_b2_li",
+    "pvt_v2_b3",
+    "pvt_v2_b4",
+    "pvt_v2_b5",
+    "__version__",
+]

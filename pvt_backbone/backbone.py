@@ -1,0 +1,312 @@
+"""The PVTv2 multi-scale backbone: stages, the shared trunk, and ``PVTv2Backbone`` with one constructor per variant.
+
+Parameter names equal timm's ``pvt_v2`` (``patch_embed.*``, ``stages.{i}.downsample.*``, ``stages.{i}.blocks.{j}.*``,
+``stages.{i}.norm.*``), so a timm classifier state dict minus ``head.*`` loads by identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from typing_extensions import TypedDict, Unpack
+
+from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_config, normalize_out_indices
+from .layers import Block, OverlapPatchEmbed, init_weights
+
+__all__ = ["PVTv2Backbone", "PVTv2Stage", "BackboneOptions"]
+
+
+class BackboneOptions(TypedDict, total=False):
+    """Keyword options shared by every backbone and classifier constructor."""
+
+    in_channels: int
+    drop_path_rate: float
+    attn_drop_rate: float
+    proj_drop_rate: float
+    frozen_stages: int
+    grad_checkpointing: bool
+    norm_layer: Callable[[int], nn.Module] | None
+
+
+class PVTv2Stage(nn.Module):
+    """One stage on (B, H, W, C) tokens: [downsample] -> blocks -> LayerNorm. Stage 0's embedding lives outside."""
+
+    def __init__(
+        self,
+        config: PVTv2Config,
+        index: int,
+        *,
+        drop_path_rates: Sequence[float],
+        attn_drop_rate: float,
+        proj_drop_rate: float,
+        norm_layer: Callable[[int], nn.Module] | None,
+    ) -> None:
+        super().__init__()
+        dim = config.embed_dims[index]
+        self.downsample: OverlapPatchEmbed | None = None
+        if index > 0:
+            self.downsample = OverlapPatchEmbed(
+                config.embed_dims[index - 1],
+                dim,
+                patch_size=PATCH_SIZES[index],
+                stride=PATCH_STRIDES[index],
+                eps=config.embed_norm_eps,
+            )
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads=config.num_heads[index],
+                hidden_dim=config.hidden_dim(index),
+                sr_ratio=config.sr_ratios[index],
+                linear=config.linear,
+                qkv_bias=config.qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=rate,
+                norm_eps=config.norm_eps,
+                sr_norm_eps=config.embed_norm_eps,
+                norm_layer=norm_layer,
+            )
+            for rate in drop_path_rates
+        )
+        self.norm = norm_layer(dim) if norm_layer is not None else nn.LayerNorm(dim, eps=config.norm_eps)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x.permute(0, 3, 1, 2))
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+
+def _check_rate(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+class PVTv2Trunk(nn.Module):
+    """Patch embedding and the first ``num_stages`` stages; shared by the backbone and the classifier.
+
+    Subclasses set ``out_indices`` (sorted stage indices whose maps ``forward_features`` returns).
+    """
+
+    out_indices: tuple[int, ...]
+
+    def __init__(
+        self,
+        config: PVTv2Config | str,
+        *,
+        num_stages: int,
+        in_channels: int = 3,
+        drop_path_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        frozen_stages: int = 0,
+        grad_checkpointing: bool = False,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        config = get_config(config)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        self.config = config
+        self.in_channels = in_channels
+        self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
+        self.min_input_size = config.min_input_size(num_stages)
+        self.patch_embed = OverlapPatchEmbed(
+            in_channels, config.embed_dims[0], patch_size=PATCH_SIZES[0], stride=PATCH_STRIDES[0],
+            eps=config.embed_norm_eps,
+        )
+        # Stochastic depth ramps linearly over all blocks of the full model, built or not, as in the reference.
+        total = sum(config.depths)
+        rates = [self.drop_path_rate * k / (total - 1) if total > 1 else 0.0 for k in range(total)]
+        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
+        self.stages = nn.ModuleList(
+            PVTv2Stage(
+                config,
+                i,
+                drop_path_rates=rates[starts[i] : starts[i] + config.depths[i]],
+                attn_drop_rate=_check_rate("attn_drop_rate", attn_drop_rate),
+                proj_drop_rate=_check_rate("proj_drop_rate", proj_drop_rate),
+                norm_layer=norm_layer,
+            )
+            for i in range(num_stages)
+        )
+        self.apply(init_weights)
+        self.frozen_stages = 0
+        self.freeze_stages(frozen_stages)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    # -- training switches -------------------------------------------------------------------------------------
+    def _stage_groups(self) -> list[list[nn.Module]]:
+        """Stage i with its patch embedding: stage 0 owns the top-level ``patch_embed``."""
+        return [([self.patch_embed] if i == 0 else []) + [stage] for i, stage in enumerate(self.stages)]
+
+    def freeze_stages(self, num_stages: int) -> None:
+        """Freeze the first ``num_stages`` stages (with their patch embeddings); make the others trainable.
+
+        Frozen parameters get ``requires_grad=False`` and frozen stages stay in eval mode across ``.train()``.
+        ``freeze_stages(0)`` unfreezes everything.
+        """
+        built = len(self.stages)
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 0 <= num_stages <= built:
+            raise ValueError(f"frozen_stages must be an int in [0, {built}] (stages built), got {num_stages!r}")
+        self.frozen_stages = num_stages
+        for index, group in enumerate(self._stage_groups()):
+            for module in group:
+                module.requires_grad_(index >= num_stages)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> PVTv2Trunk:
+        super().train(mode)
+        for group in self._stage_groups()[: self.frozen_stages]:
+            for module in group:
+                module.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward pass instead of storing its activations (non-reentrant)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return all(stage.grad_checkpointing for stage in self.stages)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor of shape (B, {self.in_channels}, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D (B, {self.in_channels}, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} input channels (in_channels={self.in_channels}), "
+                f"got {x.shape[1]} in shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"expected a floating-point input, got dtype {x.dtype}; convert with x.float()")
+        height, width = x.shape[-2:]
+        if height < self.min_input_size or width < self.min_input_size:
+            raise ValueError(
+                f"input {height}x{width} is too small: this configuration needs both sides >= {self.min_input_size} "
+                "px, because standard spatial-reduction attention reduces keys/values with an sr_ratio x sr_ratio "
+                "conv and every stage map must be at least that large (the stage-1 map, ceil(H/4), must be >= 8 "
+                "for sr_ratio 8, i.e. >= 29 px)"
+            )
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        """(B, C_in, H, W) image -> {str(i): (B, C_i, ceil-sized H_i, W_i)} for i in ``out_indices``.
+
+        The maps are NCHW views of channels-last memory (``x.is_contiguous(memory_format=torch.channels_last)``).
+        """
+        self._check_input(x)
+        tokens = self.patch_embed(x)
+        features: dict[str, Tensor] = {}
+        for index, stage in enumerate(self.stages):
+            tokens = stage(tokens)
+            if index in self.out_indices:
+                features[str(index)] = tokens.permute(0, 3, 1, 2)
+        return features
+
+
+class PVTv2Backbone(PVTv2Trunk):
+    """PVTv2 feature pyramid: an image in, one NCHW map per requested stage out.
+
+    Stage i has ``config.embed_dims[i]`` channels and stride ``4 * 2**i``; its size is ceil-based
+    (h_0 = ceil(H / 4), h_{i+1} = ceil(h_i / 2)), so a 250x333 input gives 63x84, 32x42, 16x21 and 8x11.
+    Stages after ``max(out_indices)`` are not built.
+
+    Args:
+        config: a ``PVTv2Config`` or a variant name from ``VARIANTS``.
+        out_indices: stages to return (negatives count from the last); normalized to sorted indices.
+        in_channels: image channels.
+        drop_path_rate: stochastic depth, ramped linearly from 0 over all blocks.
+        attn_drop_rate: dropout on attention weights (training only).
+        proj_drop_rate: dropout after the attention projection and in the MLP.
+        frozen_stages: freeze the first k stages with their patch embeddings (see ``freeze_stages``).
+        grad_checkpointing: recompute each block in the backward pass.
+        norm_layer: factory for the block and stage norms (default ``LayerNorm(eps=config.norm_eps)``).
+
+    Example:
+        >>> model = PVTv2Backbone.b2(out_indices=(0, 1, 2, 3))
+        >>> {k: tuple(v.shape) for k, v in model(torch.rand(1, 3, 224, 224)).items()}
+        {'0': (1, 64, 56, 56), '1': (1, 128, 28, 28), '2': (1, 320, 14, 14), '3': (1, 512, 7, 7)}
+    """
+
+    def __init__(
+        self,
+        config: PVTv2Config | str,
+        *,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        **options: Unpack[BackboneOptions],
+    ) -> None:
+        config = get_config(config)
+        indices = normalize_out_indices(out_indices, len(config.depths))
+        super().__init__(config, num_stages=indices[-1] + 1, **options)
+        self.out_indices = indices
+        self.feature_info: tuple[FeatureSpec, ...] = config.feature_info(indices)
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of the returned maps, in ``out_indices`` order."""
+        return tuple(spec.channels for spec in self.feature_info)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Strides of the returned maps w.r.t. the input, in ``out_indices`` order."""
+        return tuple(spec.stride for spec in self.feature_info)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """(B, C_in, H, W) floating image -> ``{str(i): (B, C_i, H_i, W_i)}``, highest resolution first."""
+        return self.forward_features(x)
+
+    @classmethod
+    def from_config(
+        cls, config: PVTv2Config | str, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]
+    ) -> PVTv2Backbone:
+        """Build from a ``PVTv2Config`` or a variant name (``"b0"`` ... ``"b5"``, ``"b2_li"``)."""
+        return cls(config, out_indices=out_indices, **options)
+
+    @classmethod
+    def b0(cls, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]) -> PVTv2Backbone:
+        """PVTv2-B0: channels 32/64/160/256, depths 2/2/2/2 (3.41M parameters with all stages)."""
+        return cls("b0", out_indices=out_indices, **options)
+
+    @classmethod
+    def b1(cls, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]) -> PVTv2Backbone:
+        """PVTv2-B1: channels 64/128/320/512, depths 2/2/2/2 (13.50M parameters)."""
+        return cls("b1", out_indices=out_indices, **options)
+
+    @classmethod
+    def b2(cls, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]) -> PVTv2Backbone:
+        """PVTv2-B2: channels 64/128/320/512, depths 3/4/6/3 (24.85M parameters)."""
+        return cls("b2", out_indices=out_indices, **options)
+
+    @classmethod
+    def b2_li(cls, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]) -> PVTv2Backbone:
+        """PVTv2-B2-Li: B2 with linear spatial-reduction attention (22.04M parameters)."""
+        return cls("b2_li", out_indices=out_indices, **options)
+
+    @classmethod
+    def b3(cls, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]) -> PVTv2Backbone:
+        """PVTv2-B3: channels 64/128/320/512, depths 3/4/18/3 (44.73M parameters)."""
+        return cls("b3", out_indices=out_indices, **options)
+
+    @classmethod
+    def b4(cls, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]) -> PVTv2Backbone:
+        """PVTv2-B4: channels 64/128/320/512, depths 3/8/27/3 (62.04M parameters)."""
+        return cls("b4", out_indices=out_indices, **options)
+
+    @classmethod
+    def b5(cls, *, out_indices: Sequence[int] = (0, 1, 2, 3), **options: Unpack[BackboneOptions]) -> PVTv2Backbone:
+        """PVTv2-B5: channels 64/128/320/512, depths 3/6/40/3, MLP ratio 4 (81.44M parameters)."""
+        return cls("b5", out_indices=out_indices, **options)

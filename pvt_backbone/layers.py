@@ -1,0 +1,176 @@
+"""PVTv2 building blocks: overlapping patch embedding, spatial-reduction attention, depthwise-conv MLP, block.
+
+Architecture from "PVT v2: Improved Baselines with Pyramid Vision Transformer" (Wang et al., CVMJ 2022).
+Submodule names equal timm's ``pvt_v2`` names, so checkpoints map by identity.
+
+Layout: every module here takes and returns tokens as a ``(B, H, W, C)`` tensor. Linear layers and LayerNorm act
+on the last dimension directly, and the convolutions see ``x.permute(0, 3, 1, 2)``, an NCHW view in channels-last
+memory, so going between tokens and maps never copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
+
+__all__ = ["OverlapPatchEmbed", "SpatialReductionAttention", "MlpDWConv", "Block"]
+
+
+def _to_map(tokens: Tensor) -> Tensor:
+    """(B, H, W, C) tokens -> (B, C, H, W) view."""
+    return tokens.permute(0, 3, 1, 2)
+
+
+def _to_tokens(feature_map: Tensor) -> Tensor:
+    """(B, C, H, W) map -> (B, H, W, C) view."""
+    return feature_map.permute(0, 2, 3, 1)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv with ``kernel // 2`` padding, then LayerNorm: (B, C_in, H, W) -> (B, ceil(H/s), ceil(W/s), C)."""
+
+    def __init__(self, in_channels: int, embed_dim: int, *, patch_size: int, stride: int, eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(_to_tokens(self.proj(x)))
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention whose keys and values come from a spatially reduced copy of the tokens.
+
+    Standard SRA reduces with a conv of kernel = stride = ``sr_ratio`` then LayerNorm; linear SRA pools to 7x7, then
+    1x1 conv, LayerNorm and GELU. ``kv`` packs keys then values along its output rows.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        sr_ratio: int,
+        linear: bool,
+        qkv_bias: bool,
+        attn_drop: float,
+        proj_drop: float,
+        sr_norm_eps: float,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.linear = linear
+        self.pool: nn.Module | None = nn.AdaptiveAvgPool2d(7) if linear else None
+        self.sr: nn.Conv2d | None = None
+        self.norm: nn.LayerNorm | None = None
+        self.act: nn.Module | None = nn.GELU() if linear else None
+        if linear or sr_ratio > 1:
+            kernel = 1 if linear else sr_ratio
+            self.sr = nn.Conv2d(dim, dim, kernel_size=kernel, stride=kernel)
+            self.norm = nn.LayerNorm(dim, eps=sr_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, dim = x.shape
+        head_dim = dim // self.num_heads
+        q = self.q(x).reshape(batch, height * width, self.num_heads, head_dim).transpose(1, 2)
+        kv_source = x
+        if self.sr is not None and self.norm is not None:
+            reduced = _to_map(x)
+            if self.pool is not None:
+                reduced = self.pool(reduced)
+            kv_source = self.norm(_to_tokens(self.sr(reduced)))
+            if self.act is not None:
+                kv_source = self.act(kv_source)
+        kv = self.kv(kv_source).reshape(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, height, width, dim)
+        return self.proj_drop(self.proj(out))
+
+
+class MlpDWConv(nn.Module):
+    """fc1 -> [ReLU if linear] -> depthwise 3x3 conv -> GELU -> dropout -> fc2 -> dropout, on (B, H, W, C) tokens."""
+
+    def __init__(self, dim: int, hidden_dim: int, *, linear: bool, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.relu: nn.Module | None = nn.ReLU() if linear else None
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1(x)
+        if self.relu is not None:
+            x = self.relu(x)
+        x = self.act(_to_tokens(self.dwconv(_to_map(x))))
+        return self.drop2(self.fc2(self.drop1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(attn(norm1(x))), then x + DropPath(mlp(norm2(x)))."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        hidden_dim: int,
+        sr_ratio: int,
+        linear: bool,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: float,
+        norm_eps: float,
+        sr_norm_eps: float,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        make_norm = norm_layer or (lambda d: nn.LayerNorm(d, eps=norm_eps))
+        self.norm1 = make_norm(dim)
+        self.attn = SpatialReductionAttention(
+            dim,
+            num_heads=num_heads,
+            sr_ratio=sr_ratio,
+            linear=linear,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            sr_norm_eps=sr_norm_eps,
+        )
+        self.drop_path1 = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+        self.norm2 = make_norm(dim)
+        self.mlp = MlpDWConv(dim, hidden_dim, linear=linear, drop=proj_drop)
+        self.drop_path2 = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Initialisation of the reference: truncated normal (std 0.02) linears, fan-out normal convs, unit norms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, std=(2.0 / fan_out) ** 0.5)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
