@@ -122,7 +122,10 @@ class PVTv2Trunk(nn.Module):
         self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
         self.min_input_size = config.min_input_size(num_stages)
         self.patch_embed = OverlapPatchEmbed(
-            in_channels, config.embed_dims[0], patch_size=PATCH_SIZES[0], stride=PATCH_STRIDES[0],
+            in_channels,
+            config.embed_dims[0],
+            patch_size=PATCH_SIZES[0],
+            stride=PATCH_STRIDES[0],
             eps=config.embed_norm_eps,
         )
         # Stochastic depth ramps linearly over all blocks of the full model, built or not, as in the reference.

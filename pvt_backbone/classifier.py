@@ -73,7 +73,12 @@ PVT_V2 = PVTv2
 
 _CONFIG_KWARGS = ("embed_dims", "depths", "num_heads", "mlp_ratios", "sr_ratios", "qkv_bias", "linear")
 _OPTION_KWARGS = (
-    "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "frozen_stages", "grad_checkpointing", "norm_layer",
+    "drop_path_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+    "frozen_stages",
+    "grad_checkpointing",
+    "norm_layer",
 )
 _OTHER_KWARGS = ("drop_rate", "head_drop_rate", "in_chans")
 
