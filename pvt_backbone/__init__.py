@@ -14,6 +14,27 @@ from .classifier import (
     pvt_v2_b5,
 )
 from .config import VARIANTS, FeatureSpec, PVTv2Config
+from .layouts import (
+    LAYOUTS,
+    Architecture,
+    CheckpointError,
+    Conversion,
+    DroppedKey,
+    convert,
+    detect_layout,
+    from_native,
+    infer_architecture,
+    to_native,
+)
+from .weights import (
+    LoadReport,
+    SaveReport,
+    convert_checkpoint,
+    inspect_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -33,5 +54,22 @@ __all__ = [
     "pvt_v2_b3",
     "pvt_v2_b4",
     "pvt_v2_b5",
+    "load_weights",
+    "save_weights",
+    "read_checkpoint",
+    "inspect_checkpoint",
+    "convert_checkpoint",
+    "LoadReport",
+    "SaveReport",
+    "CheckpointError",
+    "DroppedKey",
+    "Architecture",
+    "Conversion",
+    "LAYOUTS",
+    "detect_layout",
+    "to_native",
+    "from_native",
+    "convert",
+    "infer_architecture",
     "__version__",
 ]

@@ -15,6 +15,7 @@ from typing_extensions import TypedDict, Unpack
 
 from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_config, normalize_out_indices
 from .layers import Block, OverlapPatchEmbed, init_weights
+from .weights import WeightsSource, load_weights
 
 __all__ = ["PVTv2Backbone", "PVTv2Stage", "BackboneOptions"]
 
@@ -29,6 +30,7 @@ class BackboneOptions(TypedDict, total=False):
     frozen_stages: int
     grad_checkpointing: bool
     norm_layer: Callable[[int], nn.Module] | None
+    weights: WeightsSource | None
 
 
 class PVTv2Stage(nn.Module):
@@ -238,6 +240,8 @@ class PVTv2Backbone(PVTv2Trunk):
         frozen_stages: freeze the first k stages with their patch embeddings (see ``freeze_stages``).
         grad_checkpointing: recompute each block in the backward pass.
         norm_layer: factory for the block and stage norms (default ``LayerNorm(eps=config.norm_eps)``).
+        weights: checkpoint to load strictly after construction, in any layout (path, ``hf-hub:REPO`` or dict); a
+            classifier head in it is dropped, stages after ``max(out_indices)`` too (see ``load_weights``).
 
     Example:
         >>> model = PVTv2Backbone.b2(out_indices=(0, 1, 2, 3))
@@ -254,9 +258,12 @@ class PVTv2Backbone(PVTv2Trunk):
     ) -> None:
         config = get_config(config)
         indices = normalize_out_indices(out_indices, len(config.depths))
+        weights = options.pop("weights", None)
         super().__init__(config, num_stages=indices[-1] + 1, **options)
         self.out_indices = indices
         self.feature_info: tuple[FeatureSpec, ...] = config.feature_info(indices)
+        if weights is not None:
+            load_weights(self, weights)
 
     @property
     def channels(self) -> tuple[int, ...]:

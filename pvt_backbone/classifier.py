@@ -14,6 +14,7 @@ from heads import ClassificationHead
 
 from .backbone import PVTv2Trunk
 from .config import NUM_STAGES, PVTv2Config, get_config
+from .weights import WeightsSource, load_weights
 
 __all__ = ["PVTv2", "PVT_V2", "build_classifier"] + [
     f"pvt_v2_{name}" for name in ("b0", "b1", "b2", "b2_li", "b3", "b4", "b5")
@@ -24,7 +25,9 @@ class PVTv2(PVTv2Trunk):
     """PVTv2 image classifier: (B, C_in, H, W) image -> (B, num_classes) logits.
 
     ``img_size`` changes no parameter (PVTv2 has no position embedding); it records the nominal training size.
-    ``num_classes=0`` returns the pooled (B, C_3) features.
+    ``num_classes=0`` returns the pooled (B, C_3) features. ``weights`` loads a checkpoint in any layout strictly
+    after construction (see ``load_weights``); ``fresh_head=True`` keeps the new head instead of the file's (needed
+    when ``num_classes`` differs from the file's head or the file has none).
 
     Example:
         >>> model = pvt_v2_b2()
@@ -39,6 +42,8 @@ class PVTv2(PVTv2Trunk):
         num_classes: int = 1000,
         img_size: int = 224,
         head_drop_rate: float = 0.0,
+        weights: WeightsSource | None = None,
+        fresh_head: bool = False,
         **options: Any,
     ) -> None:
         config = get_config(config)
@@ -46,6 +51,8 @@ class PVTv2(PVTv2Trunk):
         self.out_indices = (NUM_STAGES - 1,)
         self.img_size = img_size
         self.head = ClassificationHead(config.embed_dims[-1], num_classes, drop_rate=head_drop_rate)
+        if weights is not None:
+            load_weights(self, weights, fresh_head=fresh_head)
 
     @property
     def num_classes(self) -> int:
@@ -80,7 +87,7 @@ _OPTION_KWARGS = (
     "grad_checkpointing",
     "norm_layer",
 )
-_OTHER_KWARGS = ("drop_rate", "head_drop_rate", "in_chans")
+_OTHER_KWARGS = ("drop_rate", "head_drop_rate", "in_chans", "weights", "fresh_head")
 
 
 def build_classifier(
@@ -96,7 +103,8 @@ def build_classifier(
     ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``sr_ratios``, ``qkv_bias`` and ``linear`` override the
     variant's config; ``drop_rate`` has the reference's meaning (dropout after attention projection and in the MLP,
     same as ``proj_drop_rate``); ``head_drop_rate`` is dropout before the head; ``in_chans`` is an alias of
-    ``in_channels``.
+    ``in_channels``; ``weights`` (path, ``hf-hub:REPO`` or dict, any layout) is loaded strictly, and ``fresh_head=True``
+    keeps a new head when ``num_classes`` differs from the file's.
     """
     allowed = _CONFIG_KWARGS + _OPTION_KWARGS + _OTHER_KWARGS
     unknown = sorted(set(kwargs) - set(allowed))
