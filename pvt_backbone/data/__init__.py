@@ -1,0 +1,22 @@
+"""Datasets for PVTv2 detectors and segmenters: built-in synthetic scenes, COCO-format data, mask folders."""
+
+from .base import IGNORE_INDEX, DetectionDataset, SegmentationDataset
+from .coco import CocoDetection, load_image
+from .errors import DataError
+from .folder import SegmentationFolder
+from .synthetic import SHAPES, SyntheticConfig, SyntheticSegmentation, SyntheticShapes, render_scene
+
+__all__ = [
+    "DataError",
+    "DetectionDataset",
+    "SegmentationDataset",
+    "IGNORE_INDEX",
+    "CocoDetection",
+    "SegmentationFolder",
+    "SyntheticConfig",
+    "SyntheticShapes",
+    "SyntheticSegmentation",
+    "SHAPES",
+    "render_scene",
+    "load_image",
+]

@@ -1,0 +1,158 @@
+"""Training views of the datasets: seeded augmentation, a resumable distributed sampler, and collate functions.
+
+Augmentation randomness comes from the sample key, never from a global RNG: the sampler yields
+``(index, aug_seed)`` pairs, so an epoch looks the same with any number of DataLoader workers and after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+__all__ = [
+    "keypoint_flip_permutation",
+    "hflip_detection",
+    "resize_segmentation",
+    "AugmentedDetection",
+    "AugmentedSegmentation",
+    "ResumableSampler",
+    "collate_detection",
+    "collate_segmentation",
+]
+
+
+def keypoint_flip_permutation(names: Sequence[str]) -> list[int]:
+    """Where keypoint k moves under a horizontal flip: names with ``left`` and ``right`` swapped (COCO style).
+
+    >>> keypoint_flip_permutation(["top", "right", "bottom", "left"])
+    [0, 3, 2, 1]
+    """
+    lookup = {name: i for i, name in enumerate(names)}
+    perm = []
+    for name in names:
+        mirrored = name.replace("left", "\0").replace("right", "left").replace("\0", "right")
+        perm.append(lookup.get(mirrored, lookup[name]))
+    return perm
+
+
+def hflip_detection(image: Tensor, target: dict[str, Any], flip_perm: Sequence[int] | None = None) -> tuple:
+    """Mirror a (3, H, W) image and its target (boxes, masks, keypoints with ``flip_perm``) left to right."""
+    width = image.shape[-1]
+    target = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    if "keypoints" in target:
+        points = target["keypoints"].clone()
+        points[..., 0] = width - points[..., 0]
+        if flip_perm is not None:
+            points = points[:, list(flip_perm)]
+        target["keypoints"] = points
+    return image.flip(-1), target
+
+
+def resize_segmentation(image: Tensor, mask: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:
+    """Resize a (3, H, W) image (bilinear) and its (H, W) mask (nearest) to ``size`` x ``size``."""
+    image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    if mask is not None:
+        mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+    return image, mask
+
+
+def _rng(aug_seed: int | None) -> np.random.Generator | None:
+    return None if aug_seed is None else np.random.default_rng(aug_seed)
+
+
+def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    return (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+
+
+class AugmentedDetection(Dataset):
+    """Detection dataset view keyed by ``(index, aug_seed)``: random horizontal flip with probability ``flip``."""
+
+    def __init__(self, dataset: Any, *, flip: float = 0.5) -> None:
+        self.dataset = dataset
+        self.flip = flip
+        names = getattr(dataset, "keypoint_names", ())
+        self.flip_perm = keypoint_flip_permutation(names) if names else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Any]]:
+        index, aug_seed = _split_key(key)
+        image, target = self.dataset[index]
+        rng = _rng(aug_seed)
+        if rng is not None and rng.random() < self.flip:
+            image, target = hflip_detection(image, target, self.flip_perm)
+        return image, target
+
+
+class AugmentedSegmentation(Dataset):
+    """Segmentation view keyed by ``(index, aug_seed)``: resize to ``size`` and random horizontal flip."""
+
+    def __init__(self, dataset: Any, *, size: int, flip: float = 0.5) -> None:
+        self.dataset = dataset
+        self.size = size
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
+        index, aug_seed = _split_key(key)
+        image, mask = self.dataset[index]
+        image, mask = resize_segmentation(image, mask, self.size)
+        rng = _rng(aug_seed)
+        if rng is not None and rng.random() < self.flip:
+            image, mask = image.flip(-1), mask.flip(-1)
+        return image, mask
+
+
+class ResumableSampler(Sampler):
+    """An endless stream of ``(index, aug_seed)`` for one rank, epoch after epoch, starting at sample ``start``.
+
+    Epoch e is ``DistributedSampler(shuffle=True, seed=seed)`` after ``set_epoch(e)``: every rank sees a disjoint
+    shard, padded to equal length. ``start`` counts samples this rank already consumed, so resuming at step s with
+    batch size b is ``start = s * b``. Nothing here needs a process group.
+    """
+
+    def __init__(self, size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0) -> None:
+        self.base = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.seed = seed
+        self.rank = rank
+        self.start = start
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples one rank sees per epoch."""
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, len(self.base))
+        while True:
+            self.base.set_epoch(epoch)
+            indices = list(self.base)
+            for position in range(offset, len(indices)):
+                aug_seed = int(np.random.SeedSequence([self.seed, epoch, indices[position]]).generate_state(1)[0])
+                yield indices[position], aug_seed
+            epoch, offset = epoch + 1, 0
+
+
+def collate_detection(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Keep images and targets as lists: torchvision detectors batch images of different sizes themselves."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def collate_segmentation(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    images, masks = zip(*batch)
+    return torch.stack(images), torch.stack(masks)
