@@ -14,6 +14,15 @@ from .classifier import (
     pvt_v2_b5,
 )
 from .config import VARIANTS, FeatureSpec, PVTv2Config
+from .detection import (
+    PVTv2FPN,
+    fasterrcnn_pvt_v2_fpn,
+    fcos_pvt_v2_fpn,
+    keypointrcnn_pvt_v2_fpn,
+    maskrcnn_pvt_v2_fpn,
+    pvt_fpn_backbone,
+    retinanet_pvt_v2_fpn,
+)
 from .layouts import (
     LAYOUTS,
     Architecture,
@@ -26,6 +35,8 @@ from .layouts import (
     infer_architecture,
     to_native,
 )
+from .optim import param_groups
+from .segmentation import PVTv2Segmenter, segmentation_loss, semantic_fpn_pvt_v2
 from .weights import (
     LoadReport,
     SaveReport,
@@ -71,5 +82,16 @@ __all__ = [
     "from_native",
     "convert",
     "infer_architecture",
+    "PVTv2FPN",
+    "pvt_fpn_backbone",
+    "fasterrcnn_pvt_v2_fpn",
+    "maskrcnn_pvt_v2_fpn",
+    "keypointrcnn_pvt_v2_fpn",
+    "retinanet_pvt_v2_fpn",
+    "fcos_pvt_v2_fpn",
+    "PVTv2Segmenter",
+    "semantic_fpn_pvt_v2",
+    "segmentation_loss",
+    "param_groups",
     "__version__",
 ]
