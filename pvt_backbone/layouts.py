@@ -832,30 +832,27 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
         depths.append(len(blocks))
         ratios.append(hidden / dim)
         srs.append(kernel)
-    head = state_dict.get("head.weight")
-    arch = dict(
-        embed_dims=tuple(dims),
-        depths=tuple(depths),
-        mlp_ratios=tuple(ratios),
-        sr_ratios=tuple(srs),
-        linear=linear,
-    )
-    n = len(stages)
+    embed_dims, mlp_ratios, n = tuple(dims), tuple(ratios), len(stages)
     variants = tuple(
         name
         for name, config in VARIANTS.items()
-        if config.embed_dims[:n] == arch["embed_dims"]
-        and config.depths[:n] == arch["depths"]
-        and tuple(map(float, config.mlp_ratios[:n])) == arch["mlp_ratios"]
+        if config.embed_dims[:n] == embed_dims
+        and config.depths[:n] == tuple(depths)
+        and tuple(map(float, config.mlp_ratios[:n])) == mlp_ratios
         and config.linear == linear
-        and (linear or config.sr_ratios[:n] == arch["sr_ratios"])
+        and (linear or config.sr_ratios[:n] == tuple(srs))
     )
     lookalike = None
-    if n == NUM_STAGES and not linear and arch["mlp_ratios"] == (4.0,) * NUM_STAGES:
-        mit = [name for name, (d, dep) in _MIT_VARIANTS.items() if d == arch["embed_dims"] and dep == arch["depths"]]
+    if n == NUM_STAGES and not linear and mlp_ratios == (4.0,) * NUM_STAGES:
+        mit = [name for name, (d, dep) in _MIT_VARIANTS.items() if d == embed_dims and dep == tuple(depths)]
         lookalike = f"SegFormer MiT-{mit[0]}" if mit else None
+    head = state_dict.get("head.weight")
     return Architecture(
-        **arch,
+        embed_dims=embed_dims,
+        depths=tuple(depths),
+        mlp_ratios=mlp_ratios,
+        sr_ratios=tuple(srs),
+        linear=linear,
         in_channels=get("patch_embed.proj.weight").shape[1],
         num_classes=0 if head is None else head.shape[0],
         num_params=sum(t.numel() for t in state_dict.values()),

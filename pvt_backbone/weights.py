@@ -10,8 +10,8 @@
 Example:
     >>> model = PVTv2Backbone.b2(out_indices=(1, 2, 3))
     >>> report = load_weights(model, "pvt_v2_b2.pth")          # the authors' classifier release
-    >>> report.layout, report.variant, [d.key for d in report.dropped][:3]
-    ('pvt', 'b2', ['head.weight', 'head.bias', 'patch_embed1...'])  # head and nothing else dropped
+    >>> report.layout, report.variant, len(report.loaded), [d.key for d in report.dropped]
+    ('pvt', 'b2', 332, ['head.weight', 'head.bias'])
     >>> save_weights(model, "b2_backbone.safetensors", source=report).num_tensors
     332
 """
@@ -48,6 +48,7 @@ from .layouts import (
     split_head,
     stage_of,
     to_native,
+    unwrap_checkpoint,
 )
 
 __all__ = [
@@ -261,9 +262,13 @@ def _adapt_first_conv(weight: Tensor, channels: int) -> Tensor:
     return adapted.to(weight.dtype)
 
 
-def _model_name(model: nn.Module) -> str:
+def _variant_of(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
-    variant = next((name for name, c in VARIANTS.items() if c == config), None)
+    return next((name for name, c in VARIANTS.items() if c == config), None)
+
+
+def _model_name(model: nn.Module) -> str:
+    variant = _variant_of(model)
     return f"{type(model).__name__} ({'PVTv2-' + variant if variant else 'custom config'})"
 
 
@@ -450,7 +455,7 @@ def load_weights(
                 f"  hint: {architecture.lookalike} shares PVTv2's key names but uses MLP ratio 4 in every stage; "
                 "it is a different model"
             )
-        elif architecture and architecture.variant and architecture.num_stages == 4:
+        elif architecture and architecture.variant and architecture.variant != _variant_of(model):
             lines.append(
                 f"  hint: build the matching model, e.g. PVTv2Backbone.{architecture.variant}() or "
                 f"pvt_v2_{architecture.variant}(), or pass strict=False to load what fits"
@@ -644,7 +649,8 @@ class CheckpointInfo:
     prefix: str
     container: str
     architecture: Architecture
-    num_tensors: int  # native tensors (after unwrapping and dropping non-PVTv2 entries)
+    file_tensors: int  # tensors in the file (or under its container), before mapping
+    num_tensors: int  # native tensors after mapping (key/value pairs joined, neck and heads dropped)
     dtypes: tuple[str, ...]
     dropped: tuple[DroppedKey, ...]
     notes: tuple[str, ...]
@@ -660,7 +666,8 @@ class CheckpointInfo:
             + (f" in {self.container}" if self.container else ""),
             f"variant:    {arch.variant or ('/'.join(arch.variants) if arch.variants else 'none')}"
             + (f" (lookalike: {arch.lookalike})" if arch.lookalike else ""),
-            f"parameters: {arch.num_params:,} in {self.num_tensors} tensors ({', '.join(self.dtypes)})",
+            f"parameters: {arch.num_params:,} in {self.num_tensors} native tensors ({', '.join(self.dtypes)}; "
+            f"{self.file_tensors} tensors in the file)",
             f"head:       {arch.num_classes} classes" if arch.num_classes else "head:       none (backbone weights)",
             f"shapes:     {arch.describe()}",
         ]
@@ -696,6 +703,7 @@ def _inspect(
 ) -> tuple[CheckpointInfo, Checkpoint, dict[str, Tensor]]:
     checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
     conversion = to_native(checkpoint.content, layout=layout, prefix=prefix)
+    file_tensors = len(unwrap_checkpoint(checkpoint.content)[0])
     architecture = infer_architecture(conversion.state_dict)
     if variant is not None:
         _check_variant(conversion.state_dict, variant, architecture)
@@ -707,6 +715,7 @@ def _inspect(
         prefix=conversion.prefix,
         container=conversion.container,
         architecture=architecture,
+        file_tensors=file_tensors,
         num_tensors=len(conversion.state_dict),
         dtypes=tuple(dtypes),
         dropped=conversion.dropped,
@@ -747,7 +756,7 @@ class ConvertReport:
         lines = [
             f"read  {info.source}: layout {info.layout}"
             + (f" under prefix {info.prefix!r}" if info.prefix else "")
-            + f", {info.num_tensors} tensors, {info.architecture.describe()}"
+            + f", {info.file_tensors} tensors -> {info.num_tensors} native, {info.architecture.describe()}"
         ]
         lines += [f"  note: {note}" for note in info.notes]
         lines += _dropped_lines(info.dropped)

@@ -114,7 +114,7 @@ def test_inspect(capsys: pytest.CaptureFixture[str], native: dict[str, Tensor], 
     assert (code, err) == (0, "")
     assert "layout:     hf" in out
     assert "variant:    b0" in out
-    assert "parameters: 3,666,760 in 178 tensors (float32)" in out
+    assert "parameters: 3,666,760 in 178 native tensors (float32; 194 tensors in the file)" in out
     assert "head:       1000 classes" in out
     code, out, _ = run(capsys, "--inspect", hf, "--variant", "b0")
     assert code == 0

@@ -69,16 +69,21 @@ def body(state: dict[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("linear", [False, True])
-def test_timm_classifier_file_parity(tmp_path: Path, linear: bool) -> None:
+TIMM_TINY = dict(embed_dims=TINY.embed_dims, depths=TINY.depths, num_heads=TINY.num_heads)  # timm's kwargs
+
+
+@pytest.mark.parametrize("variant", ["b0", "tiny", "tiny_linear"])
+def test_timm_classifier_file_parity(tmp_path: Path, variant: str) -> None:
     timm = pytest.importorskip("timm")
-    reference = randomize(timm.create_model("pvt_v2_b0", num_classes=10, linear=linear)).eval()
+    linear = variant == "tiny_linear"
+    kwargs = {} if variant == "b0" else dict(TIMM_TINY, linear=linear)
+    reference = randomize(timm.create_model("pvt_v2_b0", num_classes=10, **kwargs)).eval()
     path = tmp_path / "model.safetensors"
     save_file(reference.state_dict(), path)
-    if linear:
-        ours = PVTv2(dataclasses.replace(VARIANTS["b0"], linear=True), num_classes=10, weights=path).eval()
-    else:
+    if variant == "b0":
         ours = pvt_v2_b0(num_classes=10, weights=path).eval()
+    else:
+        ours = PVTv2(dataclasses.replace(TINY, linear=linear), num_classes=10, weights=path).eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=0)
@@ -87,10 +92,11 @@ def test_timm_classifier_file_parity(tmp_path: Path, linear: bool) -> None:
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (0, 1)])
 def test_timm_features_only_parity(out_indices: tuple[int, ...]) -> None:
     timm = pytest.importorskip("timm")
-    reference = randomize(timm.create_model("pvt_v2_b0", features_only=True, out_indices=out_indices)).eval()
+    reference = timm.create_model("pvt_v2_b0", features_only=True, out_indices=out_indices, **TIMM_TINY)
+    reference = randomize(reference).eval()
     state = reference.state_dict()
     assert any(k.startswith("stages_0.") for k in state)  # the timm_features layout
-    ours = PVTv2Backbone.b0(out_indices=out_indices, weights=state).eval()
+    ours = PVTv2Backbone(TINY, out_indices=out_indices, weights=state).eval()
     x = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
         expected, got = reference(x), ours(x)
