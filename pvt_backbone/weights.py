@@ -600,8 +600,7 @@ def _write_safetensors(
         "pvt_backbone.version": __version__,
         **_source_fields(source),
     }
-    if torch_dtype is not None:
-        metadata["pvt_backbone.dtype"] = str(torch_dtype).replace("torch.", "")
+    metadata["pvt_backbone.dtype"] = ",".join(sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}))
     _atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata))
     return SaveReport(path, conversion.layout, variant, len(tensors), conversion.dropped, conversion.notes, metadata)
 
@@ -617,8 +616,8 @@ def save_weights(
     """Write a model's weights (or a native state dict) as ``.safetensors`` in any layout, atomically.
 
     Tensors are written contiguous and non-aliased (split key/value halves are separate tensors). The header metadata
-    records ``pvt_backbone.layout``, ``pvt_backbone.variant``, ``pvt_backbone.version`` and, when ``source`` is given
-    (a path, or the ``LoadReport`` of the load), the source file name and SHA-256.
+    records ``pvt_backbone.layout``, ``pvt_backbone.variant``, ``pvt_backbone.dtype``, ``pvt_backbone.version`` and,
+    when ``source`` is given (a path, or the ``LoadReport`` of the load), the source file name and SHA-256.
 
     Args:
         model: our backbone or classifier, or a native state dict.

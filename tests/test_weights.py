@@ -428,6 +428,7 @@ def test_save_every_layout_and_load_it_back(layout: str, source: dict, tmp_path:
     assert metadata["pvt_backbone.source"] == "origin.pth"
     assert metadata["pvt_backbone.source_sha256"] == hashlib.sha256(origin.read_bytes()).hexdigest()
     assert metadata["pvt_backbone.version"] == __version__
+    assert metadata["pvt_backbone.dtype"] == "float32"
     assert report.num_tensors == len(from_native(source, layout).state_dict)
     reloaded = PVTv2(TINY, num_classes=5, fresh_head=LAYOUTS[layout].head is None, weights=path)
     state = reloaded.state_dict()
