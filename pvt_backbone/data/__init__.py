@@ -4,7 +4,15 @@ from .base import IGNORE_INDEX, DetectionDataset, SegmentationDataset
 from .coco import CocoDetection, load_image
 from .errors import DataError
 from .folder import SegmentationFolder
-from .synthetic import SHAPES, SyntheticConfig, SyntheticSegmentation, SyntheticShapes, render_scene
+from .synthetic import (
+    SHAPES,
+    SyntheticConfig,
+    SyntheticSegmentation,
+    SyntheticShapes,
+    render_scene,
+    write_coco,
+    write_mask_folder,
+)
 
 __all__ = [
     "DataError",
@@ -18,5 +26,7 @@ __all__ = [
     "SyntheticSegmentation",
     "SHAPES",
     "render_scene",
+    "write_coco",
+    "write_mask_folder",
     "load_image",
 ]

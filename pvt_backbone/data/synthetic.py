@@ -14,9 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,8 @@ __all__ = [
     "render_scene",
     "SyntheticShapes",
     "SyntheticSegmentation",
+    "write_coco",
+    "write_mask_folder",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -350,3 +354,23 @@ class SyntheticSegmentation(_SyntheticBase, SegmentationDataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         scene = self._scene(index)
         return _image_tensor(scene.image), torch.from_numpy(scene.semantic.astype(np.int64))
+
+
+def write_coco(dataset: SyntheticShapes, image_dir: str | Path, annotation_file: str | Path) -> None:
+    """Save scenes as PNG files plus a COCO instances JSON (RLE masks, keypoints): a ready ``--dataset coco`` input."""
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(len(dataset)):
+        Image.fromarray(dataset._scene(index).image).save(image_dir / dataset.image_name(index))
+    Path(annotation_file).write_text(json.dumps(dataset.coco.dataset))
+
+
+def write_mask_folder(dataset: SyntheticSegmentation, image_dir: str | Path, mask_dir: str | Path) -> None:
+    """Save scenes as ``image_dir/<name>.png`` and class-id masks ``mask_dir/<name>.png``: a ``--dataset folder``."""
+    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(len(dataset)):
+        scene = dataset._scene(index)
+        Image.fromarray(scene.image).save(image_dir / dataset.image_name(index))
+        Image.fromarray(scene.semantic).save(mask_dir / dataset.image_name(index))

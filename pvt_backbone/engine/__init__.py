@@ -1,0 +1,35 @@
+"""Training, evaluation and prediction for PVTv2 detectors and segmenters (what ``tools/train.py``,
+``tools/evaluate.py`` and ``tools/predict.py`` run)."""
+
+from .checkpoint import Checkpoint, latest_checkpoint, load_model_weights, resolve_checkpoint, save_checkpoint
+from .evaluation import ConfusionMatrix, coco_evaluate, coco_results, evaluate_detection, evaluate_segmentation
+from .inference import Detections, SegmentationMap, draw, load_trained, predict
+from .tasks import TASKS, DataSpec, ModelSpec, build_datasets, build_model, evaluate
+from .trainer import TrainConfig, TrainResult, train
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "DataSpec",
+    "ModelSpec",
+    "TASKS",
+    "build_model",
+    "build_datasets",
+    "evaluate",
+    "evaluate_detection",
+    "evaluate_segmentation",
+    "coco_evaluate",
+    "coco_results",
+    "ConfusionMatrix",
+    "Checkpoint",
+    "save_checkpoint",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "load_model_weights",
+    "load_trained",
+    "predict",
+    "draw",
+    "Detections",
+    "SegmentationMap",
+]

@@ -1,0 +1,101 @@
+"""One process or many: read torchrun's environment, start the process group, pick the device.
+
+``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them everything runs in one process with no
+process group. The backend is NCCL on GPUs and gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "barrier", "parameter_digest", "replica_digests"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` among ``world_size``, ``local_rank`` on its node, its ``device``."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, draws progress bars and writes files."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group if launched by it; choose the device.
+
+    Args:
+        device: ``"auto"`` (the GPU ``LOCAL_RANK`` if CUDA is available, else the CPU), ``"cpu"`` or ``"cuda"``.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        chosen = torch.device("cuda", torch.cuda.current_device())
+    else:
+        chosen = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, device_id=chosen if use_cuda else None)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter (name, shape, dtype, bytes) in name order: equal digests, equal parameters."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        tensor = param.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def replica_digests(model: nn.Module, info: DistInfo) -> list[str]:
+    """``parameter_digest`` of every rank's replica, in rank order (all ranks must call it)."""
+    mine = parameter_digest(model)
+    if not info.distributed:
+        return [mine]
+    gathered: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(gathered, mine)
+    return [str(d) for d in gathered]

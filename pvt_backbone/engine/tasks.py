@@ -1,0 +1,308 @@
+"""The four tasks as data: which models serve each, how to build one, what its loss and metrics are.
+
+``ModelSpec`` is everything that rebuilds a trained model (it is what ``run.json`` stores next to the weights), and
+``DataSpec`` everything that rebuilds its datasets. Both are plain frozen dataclasses with ``to_dict``/``from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import (
+    CocoDetection,
+    SegmentationFolder,
+    SyntheticConfig,
+    SyntheticSegmentation,
+    SyntheticShapes,
+)
+from .evaluation import evaluate_detection, evaluate_segmentation, normalize_images
+
+__all__ = [
+    "TASKS",
+    "DATASETS",
+    "ModelSpec",
+    "DataSpec",
+    "resolve_task_model",
+    "build_model",
+    "build_datasets",
+    "training_loss",
+    "evaluate",
+    "primary_metric",
+]
+
+TASKS: dict[str, tuple[str, ...]] = {
+    "detection": ("fasterrcnn", "retinanet", "fcos"),
+    "instance": ("maskrcnn",),
+    "keypoints": ("keypointrcnn",),
+    "segmentation": ("semantic_fpn", "segformer_head"),
+}
+MODEL_TASK = {model: task for task, models in TASKS.items() for model in models}
+DATASETS = ("synthetic", "coco", "folder")
+_IOU_TYPES = {"detection": ("bbox",), "instance": ("bbox", "segm"), "keypoints": ("bbox", "keypoints")}
+_PRIMARY = {"detection": "bbox_mAP", "instance": "segm_mAP", "keypoints": "keypoints_mAP", "segmentation": "mIoU"}
+# Default image side per dataset kind: tiny synthetic scenes, COCO's shorter side, a common segmentation crop.
+DEFAULT_IMAGE_SIZE = {"synthetic": 160, "coco": 800, "folder": 512}
+
+
+def resolve_task_model(task: str | None, model: str | None) -> tuple[str, str]:
+    """Fill in whichever of task and model is missing and check that they fit together.
+
+    >>> resolve_task_model(None, "maskrcnn"), resolve_task_model("segmentation", None)
+    (('instance', 'maskrcnn'), ('segmentation', 'semantic_fpn'))
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if model is not None and model not in MODEL_TASK:
+        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODEL_TASK)}")
+    if model is None:
+        task = task or "detection"
+        return task, TASKS[task][0]
+    if task is not None and MODEL_TASK[model] != task:
+        raise ValueError(f"model {model!r} does not do task {task!r}; models for {task}: {', '.join(TASKS[task])}")
+    return MODEL_TASK[model], model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds a model.
+
+    ``num_classes`` is what the model predicts: for detectors the categories plus background (labels 1..K), for
+    segmenters the class ids 0..C-1. ``class_names`` names labels 1..K (detectors) or ids 0..C-1 (segmenters).
+    ``options`` are extra keyword arguments for the builder (e.g. ``{"fpn_channels": 128}``). ``head_norm="bn"``
+    puts BatchNorm in the neck/heads (what ``--sync-bn`` converts to SyncBatchNorm); ``"default"`` keeps each
+    builder's own choice (GroupNorm in the segmentation heads, none in torchvision's R-CNN heads and FPN).
+    """
+
+    task: str
+    model: str
+    variant: str
+    num_classes: int
+    image_size: int
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...] = ()
+    keypoint_names: tuple[str, ...] = ()
+    head_norm: str = "default"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        resolve_task_model(self.task, self.model)
+        if self.head_norm not in ("default", "bn"):
+            raise ValueError(f"head_norm must be 'default' or 'bn', got {self.head_norm!r}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 px, got {self.image_size}")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "category_ids", tuple(self.category_ids))
+        object.__setattr__(self, "keypoint_names", tuple(self.keypoint_names))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown model spec fields {unknown}; expected {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def for_dataset(cls, task: str, model: str, variant: str, dataset: Any, *, image_size: int, **extra: Any):
+        """The spec that fits a training dataset's classes (and keypoints)."""
+        if task == "segmentation":
+            return cls(task, model, variant, dataset.num_classes, image_size, dataset.classes, **extra)
+        if task == "keypoints" and not dataset.keypoint_names:
+            raise ValueError("task 'keypoints' needs a dataset with keypoints")
+        return cls(
+            task,
+            model,
+            variant,
+            dataset.num_classes,
+            image_size,
+            dataset.categories,
+            category_ids=dataset.category_ids,
+            keypoint_names=dataset.keypoint_names if task == "keypoints" else (),
+            **extra,
+        )
+
+
+def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainable_stages: int = 4) -> nn.Module:
+    """Build the model a spec describes, with a fresh head (and backbone weights when given)."""
+    if spec.task == "segmentation":
+        from ..segmentation import semantic_fpn_pvt_v2
+
+        head = "fpn" if spec.model == "semantic_fpn" else "mlp"
+        options = dict(spec.options)
+        if spec.head_norm == "bn":
+            options["norm_layer"] = nn.BatchNorm2d
+        if trainable_stages != 4:
+            options["frozen_stages"] = 4 - trainable_stages
+        return semantic_fpn_pvt_v2(
+            spec.variant, num_classes=spec.num_classes, weights_backbone=weights_backbone, head=head, **options
+        )
+    from .. import detection
+
+    builder = getattr(detection, f"{spec.model}_pvt_v2_fpn")
+    kwargs: dict[str, Any] = {
+        "min_size": spec.image_size,
+        "max_size": max(spec.image_size, round(spec.image_size * 1333 / 800)),
+    }
+    if spec.task == "keypoints":
+        kwargs["num_keypoints"] = len(spec.keypoint_names)
+    if spec.head_norm == "bn":
+        kwargs["fpn_norm_layer"] = nn.BatchNorm2d
+    kwargs.update(spec.options)
+    return builder(
+        spec.variant,
+        num_classes=spec.num_classes,
+        weights_backbone=weights_backbone,
+        trainable_stages=trainable_stages,
+        **kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the data comes from.
+
+    ``synthetic`` needs nothing (``synthetic_classes`` shape classes, ``train_size``/``val_size`` scenes of
+    ``image_size`` px); ``coco`` needs ``train_images`` + ``train_annotations`` (and ``val_*`` to evaluate);
+    ``folder`` needs ``train_images`` + ``train_masks`` (and ``val_*``), optionally ``num_classes``.
+    """
+
+    kind: str = "synthetic"
+    train_images: str | None = None
+    train_annotations: str | None = None
+    train_masks: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    val_masks: str | None = None
+    num_classes: int | None = None
+    synthetic_classes: int = 3
+    train_size: int = 1000
+    val_size: int = 50
+    image_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATASETS:
+            raise ValueError(f"unknown dataset {self.kind!r}; expected one of {', '.join(DATASETS)}")
+
+    @property
+    def resolved_image_size(self) -> int:
+        return self.image_size if self.image_size is not None else DEFAULT_IMAGE_SIZE[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _need(spec: DataSpec, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(spec, n) is None]
+    if missing:
+        raise ValueError(f"dataset {spec.kind!r} needs {' and '.join(missing)}")
+
+
+def build_datasets(spec: DataSpec, task: str, *, train: bool = True, val: bool = True) -> tuple[Any, Any]:
+    """(train, val) datasets for a task; either is None when not requested or, for val, not configured."""
+    if spec.kind == "synthetic":
+        config = SyntheticConfig(
+            image_size=spec.resolved_image_size, num_classes=spec.synthetic_classes, seed=spec.seed
+        )
+        cls = SyntheticSegmentation if task == "segmentation" else SyntheticShapes
+        return (
+            cls("train", num_images=spec.train_size, config=config) if train else None,
+            cls("val", num_images=spec.val_size, config=config) if val else None,
+        )
+    if spec.kind == "coco":
+        if task == "segmentation":
+            raise ValueError("dataset 'coco' serves detection, instance and keypoints; for segmentation use 'folder'")
+        options = {"masks": task == "instance", "keypoints": task == "keypoints"}
+        train_set = val_set = None
+        if train:
+            _need(spec, "train_images", "train_annotations")
+            train_set = CocoDetection(spec.train_images, spec.train_annotations, **options)
+        if val and (spec.val_images or spec.val_annotations):
+            _need(spec, "val_images", "val_annotations")
+            val_set = CocoDetection(spec.val_images, spec.val_annotations, **options)
+        return train_set, val_set
+    if task != "segmentation":
+        raise ValueError(f"dataset 'folder' serves segmentation only, not {task!r}; for boxes use 'coco'")
+    train_set = val_set = None
+    if train:
+        _need(spec, "train_images", "train_masks")
+        train_set = SegmentationFolder(spec.train_images, spec.train_masks, num_classes=spec.num_classes)
+    if val and (spec.val_images or spec.val_masks):
+        _need(spec, "val_images", "val_masks")
+        classes = spec.num_classes if spec.num_classes is not None else (train_set.num_classes if train_set else None)
+        val_set = SegmentationFolder(spec.val_images, spec.val_masks, num_classes=classes)
+    return train_set, val_set
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def training_loss(model: nn.Module, task: str, batch: Any, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward pass in train mode: (total loss, named parts). Detectors return their loss dict (they normalise
+    inside); segmenters see ImageNet-normalised images and are scored with cross-entropy ignoring 255."""
+    images, targets = _to_device(batch, device)
+    if task == "segmentation":
+        from ..segmentation import segmentation_loss
+
+        loss = segmentation_loss(model(normalize_images(images)), targets)
+        return loss, {"loss_seg": loss.detach()}
+    parts = model(images, targets)
+    total = sum(parts.values())
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    spec: ModelSpec,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+    amp: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Task metrics of ``model`` on ``dataset``: COCOeval stats for detectors, mIoU/pixel accuracy for segmenters."""
+    if spec.task == "segmentation":
+        return evaluate_segmentation(model, dataset, size=spec.image_size, device=device, amp=amp, progress=progress)
+    return evaluate_detection(
+        model,
+        dataset,
+        iou_types=_IOU_TYPES[spec.task],
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        progress=progress,
+    )
+
+
+def primary_metric(task: str) -> str:
+    """The metric a task is judged by: ``bbox_mAP``, ``segm_mAP``, ``keypoints_mAP`` or ``mIoU``."""
+    return _PRIMARY[task]
+
+
+def steps_per_epoch(samples_per_rank: int, batch_size: int) -> int:
+    return max(1, math.ceil(samples_per_rank / batch_size))
+
+
+def check_same_classes(spec: ModelSpec, names: Sequence[str]) -> None:
+    if tuple(names) != spec.class_names:
+        raise ValueError(
+            f"the checkpoint was trained on classes {list(spec.class_names)} but this dataset has {list(names)}"
+        )

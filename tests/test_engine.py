@@ -1,0 +1,245 @@
+"""Engine: the COCOeval wrapper on a hand-checkable case, segmentation metrics, crash-safe checkpoints, the LR
+schedule, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pvt_backbone import PVTv2Backbone
+from pvt_backbone.data.base import coco_from_dict
+from pvt_backbone.engine import checkpoint as ckpt
+from pvt_backbone.engine.evaluation import ConfusionMatrix, coco_evaluate, coco_results
+from pvt_backbone.engine.tasks import DataSpec
+from pvt_backbone.engine.trainer import TrainConfig, WarmupDecay, read_log, train
+from pvt_backbone.weights import load_weights
+
+
+# -- COCO evaluation -------------------------------------------------------------------------------------------------
+def _ground_truth():
+    """Two 100x100 images with one 40x40 object each (category id 7, so label 1 must map to 7)."""
+    return coco_from_dict(
+        {
+            "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+            "categories": [{"id": 7, "name": "thing"}],
+            "annotations": [
+                {
+                    "id": 1,
+                    "image_id": 1,
+                    "category_id": 7,
+                    "bbox": [10, 10, 40, 40],
+                    "area": 1600,
+                    "iscrowd": 0,
+                    "segmentation": [[10, 10, 50, 10, 50, 50, 10, 50]],
+                },
+                {
+                    "id": 2,
+                    "image_id": 2,
+                    "category_id": 7,
+                    "bbox": [20, 20, 40, 40],
+                    "area": 1600,
+                    "iscrowd": 0,
+                    "segmentation": [[20, 20, 60, 20, 60, 60, 20, 60]],
+                },
+            ],
+        }
+    )
+
+
+def _output(box: list[float], score: float) -> dict[str, torch.Tensor]:
+    x0, y0, x1, y1 = box
+    mask = torch.zeros(1, 1, 100, 100)
+    mask[0, 0, round(y0) : round(y1), round(x0) : round(x1)] = 0.9
+    return {"boxes": torch.tensor([box]), "labels": torch.tensor([1]), "scores": torch.tensor([score]), "masks": mask}
+
+
+def test_coco_wrapper_matches_a_hand_computed_case() -> None:
+    coco = _ground_truth()
+    perfect = coco_results([_output([10, 10, 50, 50], 0.9), _output([20, 20, 60, 60], 0.8)], [1, 2], [7])
+    assert {r["category_id"] for r in perfect} == {7}
+    assert perfect[0]["bbox"] == [10.0, 10.0, 40.0, 40.0]  # xyxy -> xywh
+    metrics = coco_evaluate(coco, perfect, ("bbox", "segm"))
+    assert metrics["bbox_mAP"] == pytest.approx(1.0) and metrics["bbox_mAP50"] == pytest.approx(1.0)
+    assert metrics["segm_mAP"] == pytest.approx(1.0)
+    assert metrics["bbox_mAP_small"] == -1.0  # no small ground truth: COCOeval's "undefined"
+
+    # Second box 28.8 px wide instead of 40: IoU 0.72. It matches at IoU thresholds 0.50..0.70 (5 of 10), where
+    # AP = 1; at 0.75..0.95 recall stops at 1/2 with precision 1, and the 101-point interpolated AP is 51/101.
+    partial = coco_results([_output([10, 10, 50, 50], 0.9), _output([20, 20, 48.8, 60], 0.8)], [1, 2], [7])
+    metrics = coco_evaluate(coco, partial, ("bbox",))
+    assert metrics["bbox_mAP50"] == pytest.approx(1.0)
+    assert metrics["bbox_mAP75"] == pytest.approx(51 / 101)
+    assert metrics["bbox_mAP"] == pytest.approx((5 * 1.0 + 5 * 51 / 101) / 10)
+
+
+def test_coco_wrapper_scores_no_detections_as_zero() -> None:
+    metrics = coco_evaluate(_ground_truth(), [], ("bbox", "segm"))
+    assert metrics["bbox_mAP"] == 0.0 and metrics["segm_mAP50"] == 0.0
+    with pytest.raises(ValueError, match="iou_type must be"):
+        coco_evaluate(_ground_truth(), [], ("boxes",))
+
+
+def test_confusion_matrix_miou_and_pixel_accuracy() -> None:
+    cm = ConfusionMatrix(3)
+    prediction = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 0]])
+    target = torch.tensor([[0, 0, 1, 2], [2, 2, 255, 255]])
+    cm.update(prediction, target)
+    metrics = cm.metrics()
+    # class 0: 2/2, class 1: 1/2 (one false positive), class 2: 2/3 (one false negative)
+    assert metrics["iou"] == pytest.approx([1.0, 0.5, 2 / 3])
+    assert metrics["mIoU"] == pytest.approx((1 + 0.5 + 2 / 3) / 3)
+    assert metrics["pixel_accuracy"] == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="outside"):
+        cm.update(torch.zeros(2, dtype=torch.long), torch.tensor([0, 3]))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------------
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _save(root: Path, step: int, net: nn.Module, keep: int = 2) -> ckpt.Checkpoint:
+    return ckpt.save_checkpoint(root, step=step, model=net, state={"step": step}, run={"model": "net"}, keep=keep)
+
+
+def test_checkpoint_round_trip_pointer_and_pruning(tmp_path: Path) -> None:
+    nets = [_net(seed) for seed in range(3)]
+    for step, net in zip((10, 20, 30), nets):
+        saved = _save(tmp_path, step, net)
+    assert ckpt.latest_checkpoint(tmp_path) == saved and saved.step == 30
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step_00000020", "step_00000030"]
+    restored = _net(99)
+    ckpt.load_model_weights(restored, saved.weights)
+    assert _same(restored, nets[2])
+    assert ckpt.load_training_state(saved) == {"step": 30} and saved.run_info() == {"model": "net"}
+    for path in (tmp_path, saved.directory, saved.weights):
+        assert ckpt.resolve_checkpoint(path).directory == saved.directory
+    wrong = nn.Sequential(nn.Conv2d(3, 5, 3))
+    with pytest.raises(ValueError, match=r"model\.safetensors: weights do not fit this Sequential"):
+        ckpt.load_model_weights(wrong, saved.weights)
+
+
+@pytest.mark.parametrize("fail_in", ["state", "weights"])
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch, fail_in: str) -> None:
+    first = _net(0)
+    _save(tmp_path, 1, first)
+
+    def die_mid_write(_obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x00partial")  # half a file, then Ctrl-C
+        raise KeyboardInterrupt
+
+    if fail_in == "state":
+        monkeypatch.setattr(ckpt.torch, "save", die_mid_write)
+    else:
+        monkeypatch.setattr(ckpt, "save_file", lambda tensors, path, metadata=None: die_mid_write(None, path))
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, _net(1))
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest is not None and latest.step == 1
+    restored = _net(5)
+    ckpt.load_model_weights(restored, latest.weights)
+    assert _same(restored, first)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_killed_save_leaves_debris_that_the_next_save_clears(tmp_path: Path) -> None:
+    _save(tmp_path, 1, _net(0))
+    debris = tmp_path / "checkpoints" / ".tmp-killed"
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"\x00" * 10)  # a process killed with SIGKILL mid-save
+    assert ckpt.latest_checkpoint(tmp_path).step == 1
+    _save(tmp_path, 2, _net(1))
+    assert not debris.exists() and ckpt.latest_checkpoint(tmp_path).step == 2
+
+
+def test_atomic_write_failure_keeps_old_content(tmp_path: Path) -> None:
+    target = tmp_path / "file.json"
+    target.write_text("old")
+
+    def fail(temp: Path) -> None:
+        temp.write_text("new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write(target, fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.json"]
+
+
+def test_detector_checkpoint_feeds_load_weights_for_the_backbone(tmp_path: Path) -> None:
+    from pvt_backbone.detection import fasterrcnn_pvt_v2_fpn
+
+    detector = fasterrcnn_pvt_v2_fpn("b0", num_classes=3, min_size=64, max_size=64)
+    path = tmp_path / "model.safetensors"
+    ckpt.save_model_weights(detector, path)
+    backbone = PVTv2Backbone.b0()
+    load_weights(backbone, path)
+    assert _same(backbone, detector.backbone.body)
+
+
+# -- schedule and resume ---------------------------------------------------------------------------------------------
+def test_warmup_then_cosine_and_poly() -> None:
+    cosine = WarmupDecay(total=110, warmup=10, kind="cosine", min_ratio=0.1)
+    assert cosine(0) == pytest.approx(1e-3) and cosine(5) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+    assert cosine(10) == 1.0 and cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
+    poly = WarmupDecay(total=110, warmup=10, kind="poly", min_ratio=0.0)
+    assert poly(60) == pytest.approx(0.5**0.9) and poly(110) == 0.0
+
+
+def _tiny_run(output_dir: Path, **overrides) -> TrainConfig:
+    options = {
+        "fpn_channels": 32,
+        "box_batch_size_per_image": 16,
+        "rpn_post_nms_top_n_train": 32,
+        "rpn_batch_size_per_image": 32,
+    }
+    settings = dict(
+        output_dir=str(output_dir),
+        model="fasterrcnn",
+        variant="b0",
+        model_options=options,
+        data=DataSpec(image_size=64, train_size=8, val_size=2, synthetic_classes=2),
+        max_steps=4,
+        batch_size=1,
+        lr=1e-3,
+        warmup_steps=1,
+        workers=0,
+        eval=False,
+        log_every=1,
+        save_every=2,
+        progress=False,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    train(_tiny_run(full))
+    reference = {r["step"]: r["loss"] for r in read_log(full / "log.jsonl")}
+    assert sorted(reference) == [1, 2, 3, 4]
+
+    # The run "died" after the step-2 checkpoint: its pointer is back on step 2 and its log still has steps 3, 4.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step_00000004")
+    (crashed / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "name": "step_00000002"}))
+    result = train(_tiny_run(crashed, resume=True))
+    resumed = {r["step"]: r["loss"] for r in read_log(crashed / "log.jsonl")}
+    assert sorted(resumed) == [1, 2, 3, 4]  # the stale records of steps 3 and 4 were replaced, not duplicated
+    assert resumed == reference  # bit-identical losses at steps 3 and 4
+    assert result.steps == 4 and result.checkpoint.step == 4
+    assert reference[1] != reference[4]  # it did train
+
+    with pytest.raises(ValueError, match="exact resume needs the same"):
+        train(_tiny_run(crashed, resume=str(crashed / "checkpoints" / "step_00000002"), batch_size=2))
