@@ -14,7 +14,7 @@ from torch.export import Dim, export
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
-from pvt_backbone import PVTv2Backbone, PVTv2Config
+from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config
 from pvt_backbone.detection import (
     DETECTORS,
     IMAGENET_MEAN,
@@ -299,3 +299,17 @@ def test_weights_backbone_loads_a_saved_backbone_state_dict(tmp_path, suffix: st
     other = PVTv2Config(embed_dims=(8, 16, 24, 40), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4))
     with pytest.raises(CheckpointError):
         fasterrcnn_pvt_v2_fpn(other, num_classes=2, weights_backbone=path)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_builds_with_matching_widths(variant: str) -> None:
+    """Level choice per detector is variant-independent (tested above); here the widths across the variant table."""
+    config = VARIANTS[variant]
+    with torch.device("meta"):  # shapes only, no compute
+        detector = retinanet_pvt_v2_fpn(variant, num_classes=3, p6p7_source="c5")
+        segmenter = semantic_fpn_pvt_v2(variant, num_classes=3, head="mlp")
+    assert detector.backbone.fpn.in_channels == config.embed_dims[1:]
+    assert detector.backbone.fpn.extra_blocks.p6.in_channels == config.embed_dims[-1]
+    assert detector.backbone.out_channels == 256 and detector.head.classification_head.num_classes == 3
+    assert segmenter.head.in_channels == config.embed_dims
+    assert segmenter.head.channels == (256 if config.embed_dims[-1] <= 256 else 768)
