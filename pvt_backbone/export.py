@@ -1,0 +1,291 @@
+"""Deployment: ``torch.export`` programs (``.pt2``) and ONNX models with dynamic batch, height and width, verified.
+
+Both exports trace the autograd path of the model (the eager inference-only kernels are never traced), with every
+reshape expressed through tensor-derived sizes, so one file serves every input size it was exported for. Each writer
+goes through a temporary file in the target directory and ``os.replace``, so a failed export leaves no partial file.
+
+Linear SRA (``b2_li``) pools keys and values adaptively to 7x7. ``torch.export`` keeps that as one ATen op and handles
+any size; ONNX has no adaptive pooling, so the exporter lowers it to a fixed ``AveragePool`` that is only right when
+every stage map is a multiple of 7 and the size never changes: :func:`export_onnx` therefore requires static height
+and width for such models and raises ``ValueError`` unless every stage size of the example is a multiple of 7
+(224x224 works; 800x1344 does not).
+
+Example:
+    >>> model = PVTv2Backbone.b0().eval()
+    >>> program = export_program(model, torch.randn(1, 3, 224, 224))
+    >>> {k: tuple(v.shape) for k, v in program.module()(torch.randn(2, 3, 256, 320)).items()}
+    {'0': (2, 32, 64, 80), '1': (2, 64, 32, 40), '2': (2, 160, 16, 20), '3': (2, 256, 8, 10)}
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+
+from .backbone import PVTv2Trunk
+from .config import stage_sizes
+from .layers import SpatialReductionAttention
+
+__all__ = [
+    "DEFAULT_MIN_SIZE",
+    "Verification",
+    "export_program",
+    "save_program",
+    "load_program",
+    "export_onnx",
+    "verify_program",
+    "verify_onnx",
+    "check_onnx_exportable",
+    "onnxruntime_session",
+]
+
+# Smallest height/width a dynamic export accepts (the released variants need >= 29 px; 64 keeps every stage >= 2).
+DEFAULT_MIN_SIZE = 64
+LINEAR_SRA_POOL = 7
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Outcome of running an export next to the eager model on one input."""
+
+    input_shape: tuple[int, ...]
+    max_abs_diff: float
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+
+def _check_example(model: nn.Module, example: Tensor) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example, Tensor) or example.dim() != 4:
+        shape = tuple(example.shape) if isinstance(example, Tensor) else type(example).__name__
+        raise ValueError(f"example must be a 4-D (B, C, H, W) tensor, got {shape}")
+
+
+def _dynamic_shapes(
+    example: Tensor, *, dynamic_batch: bool, dynamic_height: bool, dynamic_width: bool, min_size: int
+) -> tuple[dict[int, Any], ...]:
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
+    for name, dynamic, side in (("height", dynamic_height, 2), ("width", dynamic_width, 3)):
+        if dynamic and example.shape[side] < min_size:
+            raise ValueError(f"example {name} {example.shape[side]} is below min_size={min_size}")
+    dims: dict[int, Any] = {}
+    if dynamic_batch:
+        dims[0] = Dim.DYNAMIC
+    if dynamic_height:
+        dims[2] = Dim("height", min=min_size)
+    if dynamic_width:
+        dims[3] = Dim("width", min=min_size)
+    return (dims,)
+
+
+def _traceable(example: Tensor, dynamic_batch: bool) -> Tensor:
+    """torch.export specialises a dimension whose example size is 1, so trace a dynamic batch with two images."""
+    return example.repeat(2, 1, 1, 1) if dynamic_batch and example.shape[0] == 1 else example
+
+
+def export_program(
+    model: nn.Module,
+    example: Tensor,
+    *,
+    dynamic_batch: bool = True,
+    dynamic_height: bool = True,
+    dynamic_width: bool = True,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> ExportedProgram:
+    """``torch.export`` an image model (backbone, classifier, ...) taking one (B, C, H, W) tensor.
+
+    Args:
+        model: put in eval mode by the caller (export records the current mode's behaviour).
+        example: an input of the exported kind; its sizes are the ones traced.
+        dynamic_batch, dynamic_height, dynamic_width: which input dimensions stay symbolic.
+        min_size: smallest height/width the program accepts when those are dynamic.
+
+    Returns:
+        The program; ``program.module()(x)`` runs it, :func:`save_program` writes it as ``.pt2``.
+    """
+    _check_example(model, example)
+    shapes = _dynamic_shapes(
+        example,
+        dynamic_batch=dynamic_batch,
+        dynamic_height=dynamic_height,
+        dynamic_width=dynamic_width,
+        min_size=min_size,
+    )
+    return torch.export.export(model, (_traceable(example, dynamic_batch),), dynamic_shapes=shapes)
+
+
+def _write_atomically(path: str | os.PathLike[str], suffix: str, write: Callable[[str], None]) -> Path:
+    target = Path(path)
+    if target.suffix != suffix:
+        raise ValueError(f"output path must end in {suffix!r}, got {str(target)!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=suffix, dir=target.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def save_program(program: ExportedProgram, path: str | os.PathLike[str]) -> Path:
+    """Write ``program`` to ``path`` (``.pt2``) through a temporary file; returns the path."""
+    return _write_atomically(path, ".pt2", lambda name: torch.export.save(program, name))
+
+
+def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
+    """Read a ``.pt2`` program written by :func:`save_program`."""
+    return torch.export.load(str(path))
+
+
+def _linear_trunks(model: nn.Module) -> list[PVTv2Trunk]:
+    return [
+        trunk
+        for trunk in model.modules()
+        if isinstance(trunk, PVTv2Trunk)
+        and any(isinstance(m, SpatialReductionAttention) and m.linear for m in trunk.modules())
+    ]
+
+
+def check_onnx_exportable(model: nn.Module, example: Tensor, *, dynamic_height: bool, dynamic_width: bool) -> None:
+    """Raise ``ValueError`` if ONNX cannot represent ``model`` at ``example``'s size (linear SRA, see module doc)."""
+    for trunk in _linear_trunks(model):
+        if dynamic_height or dynamic_width:
+            raise ValueError(
+                "this model uses linear spatial-reduction attention (b2_li), whose adaptive 7x7 pooling ONNX can only "
+                "express for one fixed input size: export it with dynamic_height=False and dynamic_width=False (batch "
+                "may stay dynamic), or use export_program, whose torch.export program handles any size"
+            )
+        height, width = (int(side) for side in example.shape[-2:])
+        built = len(trunk.stages)
+        sizes = list(zip(stage_sizes(height)[:built], stage_sizes(width)[:built]))
+        if any(h % LINEAR_SRA_POOL or w % LINEAR_SRA_POOL for h, w in sizes):
+            shown = ", ".join(f"{h}x{w}" for h, w in sizes)
+            raise ValueError(
+                f"cannot export linear-SRA (b2_li) model to ONNX at {height}x{width}: its stage maps are {shown}, and "
+                f"ONNX lowers the adaptive {LINEAR_SRA_POOL}x{LINEAR_SRA_POOL} pooling correctly only when every "
+                f"stage size is a multiple of {LINEAR_SRA_POOL} (e.g. 224x224 -> 56, 28, 14, 7); pick such a size or "
+                "use export_program (torch.export) instead"
+            )
+
+
+def _output_names(model: nn.Module, example: Tensor) -> list[str] | None:
+    """``feature_<key>`` for each map of a dict-returning model (keys "0".."3"), ``output`` otherwise."""
+    with torch.no_grad():
+        outputs = model(example[:1])
+    if isinstance(outputs, Mapping):
+        return [f"feature_{key}" for key in outputs]
+    if isinstance(outputs, Tensor):
+        return ["output"]
+    return None
+
+
+def export_onnx(
+    model: nn.Module,
+    example: Tensor,
+    path: str | os.PathLike[str],
+    *,
+    dynamic_batch: bool = True,
+    dynamic_height: bool = True,
+    dynamic_width: bool = True,
+    min_size: int = DEFAULT_MIN_SIZE,
+    opset_version: int | None = None,
+) -> Path:
+    """Export to ONNX with torch's dynamo exporter (through ``torch.export``) and write ``path`` (``.onnx``).
+
+    The input is named ``image``; the outputs ``feature_0`` ... ``feature_3`` for a backbone (its dict keys) or
+    ``output`` for a classifier. Dynamic dimensions keep their names (``batch``, ``height``, ``width``) in the graph.
+
+    Raises:
+        ValueError: linear-SRA models at a size ONNX cannot express (see :func:`check_onnx_exportable`).
+    """
+    _check_example(model, example)
+    check_onnx_exportable(model, example, dynamic_height=dynamic_height, dynamic_width=dynamic_width)
+    shapes = _dynamic_shapes(
+        example,
+        dynamic_batch=dynamic_batch,
+        dynamic_height=dynamic_height,
+        dynamic_width=dynamic_width,
+        min_size=min_size,
+    )
+    options: dict[str, Any] = {"opset_version": opset_version} if opset_version is not None else {}
+    onnx_program = torch.onnx.export(
+        model,
+        (_traceable(example, dynamic_batch),),
+        dynamo=True,
+        dynamic_shapes=shapes,
+        input_names=["image"],
+        output_names=_output_names(model, example),
+        verbose=False,
+        **options,
+    )
+    if onnx_program is None:  # pragma: no cover - only the legacy exporter returns None
+        raise RuntimeError("torch.onnx.export returned no program")
+    return _write_atomically(path, ".onnx", onnx_program.save)
+
+
+def _flatten(outputs: Any) -> list[Tensor]:
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        return [value for value in outputs.values()]
+    return [value for value in outputs]
+
+
+def _compare(expected: list[Tensor], actual: list[Tensor], shape: tuple[int, ...], atol: float) -> Verification:
+    if len(expected) != len(actual):
+        raise AssertionError(f"export returned {len(actual)} outputs, eager {len(expected)}")
+    worst = 0.0
+    for want, got in zip(expected, actual):
+        got = torch.as_tensor(got)
+        if tuple(want.shape) != tuple(got.shape):
+            raise AssertionError(f"output shape {tuple(got.shape)} differs from eager {tuple(want.shape)}")
+        worst = max(worst, (want.float() - got.float()).abs().max().item())
+    return Verification(input_shape=shape, max_abs_diff=worst, atol=atol)
+
+
+def verify_program(program: ExportedProgram, model: nn.Module, x: Tensor, *, atol: float = 1e-4) -> Verification:
+    """Run ``program`` and the eager ``model`` on ``x`` (ideally a size other than the exported one); compare."""
+    with torch.no_grad():
+        expected = _flatten(model(x))
+        actual = _flatten(program.module()(x))
+    return _compare(expected, actual, tuple(x.shape), atol)
+
+
+def verify_onnx(
+    path: str | os.PathLike[str], model: nn.Module, x: Tensor, *, atol: float = 1e-4, threads: int | None = None
+) -> Verification:
+    """Run the ONNX file in onnxruntime (CPU) and the eager ``model`` on ``x``; compare every output."""
+    session = onnxruntime_session(path, threads=threads)
+    with torch.no_grad():
+        expected = _flatten(model(x))
+    actual = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+    return _compare(expected, [torch.from_numpy(a) for a in actual], tuple(x.shape), atol)
+
+
+def onnxruntime_session(path: str | os.PathLike[str], *, threads: int | None = None) -> Any:
+    """An onnxruntime CPU ``InferenceSession`` with full graph optimisation (``threads`` intra-op threads)."""
+    try:
+        import onnxruntime
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("onnxruntime is needed to run ONNX models: pip install onnxruntime") from error
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
