@@ -11,23 +11,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from pvt_backbone.data import SyntheticConfig, SyntheticSegmentation, SyntheticShapes, write_coco, write_mask_folder
 from pvt_backbone.engine.distributed import parameter_digest
 from pvt_backbone.engine.inference import load_trained
-from pvt_backbone.engine.trainer import read_log
+from pvt_backbone.engine.tasks import DataSpec
+from pvt_backbone.engine.trainer import TrainConfig, read_log, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Light R-CNN settings so a step takes a fraction of a second on a CPU.
 TINY_RCNN = [
-    "fpn_channels=32",
-    "box_batch_size_per_image=16",
-    "rpn_post_nms_top_n_train=32",
-    "rpn_batch_size_per_image=32",
-    "rpn_post_nms_top_n_test=32",
+    arg
+    for option in (
+        "fpn_channels=32",
+        "box_batch_size_per_image=16",
+        "rpn_post_nms_top_n_train=32",
+        "rpn_batch_size_per_image=32",
+        "rpn_post_nms_top_n_test=32",
+        "box_detections_per_img=20",
+    )
+    for arg in ("--model-arg", option)
 ]
-TINY_DATA = ["--image-size", "64", "--train-size", "8", "--val-size", "2", "--workers", "0", "--no-progress"]
+TINY_DATA = "--image-size 64 --train-size 8 --val-size 2 --workers 0 --no-progress".split()
+SHAPES3 = ("circle", "square", "triangle")
 
 
 def _tool(name: str):
@@ -37,46 +45,27 @@ def _tool(name: str):
     return module
 
 
-def _model_args(values: list[str]) -> list[str]:
-    return [arg for value in values for arg in ("--model-arg", value)]
-
-
 def _run_tool(name: str, argv: list[str]) -> int:
     from pvt_backbone.engine.cli import run_cli
 
-    return run_cli(_tool(name).main, argv)
+    return run_cli(_tool(name).main, [str(a) for a in argv])
+
+
+def _first_eval(run: Path) -> dict:
+    return next(r["eval"] for r in read_log(run / "log.jsonl") if "eval" in r)
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     """``torchrun --standalone --nproc_per_node=2 tools/train.py ...`` on CPU (gloo over loopback), 3 steps."""
     output = tmp_path_factory.mktemp("ddp") / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tools" / "train.py"),
-        "--dataset",
-        "synthetic",
-        "--model",
-        "fasterrcnn",
-        "--variant",
-        "b0",
-        "--max-steps",
-        "3",
-        "--output-dir",
-        str(output),
-        "--batch-size",
-        "1",
-        "--log-every",
-        "1",
-        *TINY_DATA,
-        *_model_args(TINY_RCNN),
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(ROOT / "tools" / "train.py"), "--output-dir", str(output)]
+    command += "--dataset synthetic --model fasterrcnn --variant b0 --max-steps 3 --batch-size 1 --log-every 1".split()
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command + TINY_DATA + TINY_RCNN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return output
 
@@ -89,16 +78,15 @@ def test_torchrun_two_processes_train_identical_replicas(ddp_run: Path) -> None:
     model, spec = load_trained(ddp_run)
     # Both ranks' parameters hash to the saved checkpoint's: identical replicas, and that is what was written.
     assert replicas["param_sha256"] == [parameter_digest(model)] * 2
-    steps = [p.name for p in (ddp_run / "checkpoints").iterdir() if p.is_dir()]
-    assert steps == ["step_00000003"]
-    assert any("eval" in r and "bbox_mAP50" in r["eval"] for r in records)  # sharded evaluation ran
+    assert [p.name for p in (ddp_run / "checkpoints").iterdir() if p.is_dir()] == ["step_00000003"]
+    assert "bbox_mAP50" in _first_eval(ddp_run)  # sharded evaluation ran
     assert (ddp_run / "loss.png").stat().st_size > 1000
-    assert spec.model == "fasterrcnn" and spec.class_names == ("circle", "square", "triangle")
+    assert spec.model == "fasterrcnn" and spec.class_names == SHAPES3
 
 
 def test_evaluate_cli_prints_and_writes_metrics(ddp_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "metrics.json"
-    assert _run_tool("evaluate", ["--checkpoint", str(ddp_run), "--json", str(out), "--no-progress"]) == 0
+    assert _run_tool("evaluate", ["--checkpoint", ddp_run, "--json", out, "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     assert printed["images"] == 2 and 0.0 <= printed["metrics"]["bbox_mAP50"] <= 1.0
@@ -106,64 +94,29 @@ def test_evaluate_cli_prints_and_writes_metrics(ddp_run: Path, tmp_path: Path, c
 
 def test_predict_draws_an_odd_sized_image(ddp_run: Path, tmp_path: Path) -> None:
     image = SyntheticShapes("val", num_images=1, config=SyntheticConfig(image_size=96))[0][0]
-    odd = Image.fromarray((image[:, :53, :77].permute(1, 2, 0).numpy() * 255).astype("uint8"))
-    odd.save(tmp_path / "odd.jpg")
+    Image.fromarray((image[:, :53, :77].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "odd.jpg")
     out = tmp_path / "pred"
-    argv = [
-        "--checkpoint",
-        str(ddp_run),
-        "--input",
-        str(tmp_path / "*.jpg"),
-        "--output-dir",
-        str(out),
-        "--json",
-        "--score-threshold",
-        "0",
-    ]
-    assert _run_tool("predict", argv) == 0
+    argv = ["--checkpoint", ddp_run, "--input", tmp_path / "*.jpg", "--output-dir", out, "--json"]
+    assert _run_tool("predict", argv + ["--score-threshold", "0"]) == 0
     with Image.open(out / "odd.png") as picture:
         assert picture.size == (77, 53) and picture.mode == "RGB"
     listing = json.loads((out / "predictions.json").read_text())["images"]
     assert listing[0]["width"] == 77 and listing[0]["height"] == 53
     for det in listing[0]["detections"]:
         x0, y0, x1, y1 = det["box_xyxy"]
-        assert 0 <= x0 <= x1 <= 77 and 0 <= y0 <= y1 <= 53 and det["name"] in ("circle", "square", "triangle")
+        assert 0 <= x0 <= x1 <= 77 and 0 <= y0 <= y1 <= 53 and det["name"] in SHAPES3
 
 
-def test_coco_instance_segmentation_train_evaluate(tmp_path: Path, capsys) -> None:
+def test_coco_instance_segmentation_train_evaluate(tmp_path: Path) -> None:
     config = SyntheticConfig(image_size=64, num_classes=2)
     write_coco(SyntheticShapes("train", num_images=4, config=config), tmp_path / "train", tmp_path / "train.json")
     write_coco(SyntheticShapes("val", num_images=2, config=config), tmp_path / "val", tmp_path / "val.json")
     run = tmp_path / "run"
-    argv = [
-        "--task",
-        "instance",
-        "--variant",
-        "b0",
-        "--dataset",
-        "coco",
-        "--train-images",
-        str(tmp_path / "train"),
-        "--train-annotations",
-        str(tmp_path / "train.json"),
-        "--val-images",
-        str(tmp_path / "val"),
-        "--val-annotations",
-        str(tmp_path / "val.json"),
-        "--image-size",
-        "64",
-        "--max-steps",
-        "2",
-        "--output-dir",
-        str(run),
-        "--workers",
-        "0",
-        "--no-progress",
-        *_model_args(TINY_RCNN),
-    ]
-    assert _run_tool("train", argv) == 0
-    metrics = next(r["eval"] for r in read_log(run / "log.jsonl") if "eval" in r)
-    assert {"bbox_mAP", "segm_mAP", "segm_mAP50"} <= set(metrics)
+    argv = ["--train-images", tmp_path / "train", "--train-annotations", tmp_path / "train.json"]
+    argv += ["--val-images", tmp_path / "val", "--val-annotations", tmp_path / "val.json", "--output-dir", run]
+    argv += "--task instance --variant b0 --dataset coco --max-steps 2".split()
+    assert _run_tool("train", argv + TINY_DATA + TINY_RCNN) == 0
+    assert {"bbox_mAP", "segm_mAP", "segm_mAP50"} <= set(_first_eval(run))
     assert load_trained(run)[1].model == "maskrcnn"
 
 
@@ -172,101 +125,70 @@ def test_mask_folder_segmentation_train_evaluate_predict(tmp_path: Path, capsys)
     write_mask_folder(SyntheticSegmentation("train", num_images=4, config=config), tmp_path / "ti", tmp_path / "tm")
     write_mask_folder(SyntheticSegmentation("val", num_images=2, config=config), tmp_path / "vi", tmp_path / "vm")
     run = tmp_path / "run"
-    argv = [
-        "--model",
-        "segformer_head",
-        "--variant",
-        "b0",
-        "--dataset",
-        "folder",
-        "--train-images",
-        str(tmp_path / "ti"),
-        "--train-masks",
-        str(tmp_path / "tm"),
-        "--val-images",
-        str(tmp_path / "vi"),
-        "--val-masks",
-        str(tmp_path / "vm"),
-        "--num-classes",
-        "3",
-        "--image-size",
-        "64",
-        "--max-steps",
-        "2",
-        "--output-dir",
-        str(run),
-        "--workers",
-        "0",
-        "--no-progress",
-    ]
-    assert _run_tool("train", argv) == 0
-    metrics = next(r["eval"] for r in read_log(run / "log.jsonl") if "eval" in r)
+    val = ["--dataset", "folder", "--val-images", tmp_path / "vi", "--val-masks", tmp_path / "vm", "--num-classes", 3]
+    argv = ["--train-images", tmp_path / "ti", "--train-masks", tmp_path / "tm", "--output-dir", run, *val]
+    argv += "--model segformer_head --variant b0 --max-steps 2".split()
+    assert _run_tool("train", argv + TINY_DATA) == 0
+    metrics = _first_eval(run)
     assert 0.0 <= metrics["mIoU"] <= 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0 and len(metrics["iou"]) == 3
     capsys.readouterr()
-    evaluate = [
-        "--checkpoint",
-        str(run),
-        "--dataset",
-        "folder",
-        "--val-images",
-        str(tmp_path / "vi"),
-        "--val-masks",
-        str(tmp_path / "vm"),
-        "--num-classes",
-        "3",
-        "--no-progress",
-    ]
-    assert _run_tool("evaluate", evaluate) == 0
+    assert _run_tool("evaluate", ["--checkpoint", run, *val, "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["mIoU"] == pytest.approx(metrics["mIoU"])
     out = tmp_path / "pred"
-    assert (
-        _run_tool("predict", ["--checkpoint", str(run), "--input", str(tmp_path / "vi"), "--output-dir", str(out)]) == 0
-    )
+    assert _run_tool("predict", ["--checkpoint", run, "--input", tmp_path / "vi", "--output-dir", out]) == 0
     with Image.open(out / "synthetic_val_000000_mask.png") as mask:
         assert mask.size == (64, 64) and max(mask.getdata()) <= 2
 
 
+def test_keypoint_rcnn_trains_and_scores_oks(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    argv = ["--output-dir", run, *"--task keypoints --variant b0 --max-steps 2 --batch-size 2".split()]
+    assert _run_tool("train", argv + TINY_DATA + TINY_RCNN) == 0
+    assert {"bbox_mAP50", "keypoints_mAP", "keypoints_mAP50"} <= set(_first_eval(run))
+    model, spec = load_trained(run)
+    assert spec.keypoint_names == ("top", "right", "bottom", "left") and model.roi_heads.keypoint_predictor is not None
+
+
+def test_amp_step_is_finite(tmp_path: Path) -> None:
+    options = {"fpn_channels": 32, "box_batch_size_per_image": 16, "rpn_post_nms_top_n_train": 32}
+    data = DataSpec(image_size=64, train_size=4, val_size=2)
+    config = TrainConfig(
+        output_dir=str(tmp_path),
+        model="fasterrcnn",
+        variant="b0",
+        model_options=options,
+        data=data,
+        max_steps=2,
+        amp=True,
+        eval=False,
+        workers=0,
+        log_every=1,
+        progress=False,
+    )
+    result = train(config)
+    losses = [r["loss"] for r in read_log(tmp_path / "log.jsonl") if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast leaves the weights fp32
+
+
 CLI_ERRORS = [
-    (
-        "train",
-        [
-            "--dataset",
-            "coco",
-            "--train-images",
-            "nowhere",
-            "--train-annotations",
-            "x.json",
-            "--max-steps",
-            "1",
-            "--output-dir",
-            "{tmp}/r",
-        ],
-        "nowhere: image folder not found",
-    ),
-    (
-        "train",
-        ["--dataset", "folder", "--task", "detection", "--max-steps", "1", "--output-dir", "{tmp}/r"],
-        "dataset 'folder' serves segmentation only",
-    ),
-    (
-        "train",
-        ["--task", "segmentation", "--model", "fasterrcnn", "--max-steps", "1", "--output-dir", "{tmp}/r"],
-        "model 'fasterrcnn' does not do task 'segmentation'",
-    ),
-    ("train", ["--max-steps", "1", "--output-dir", "{tmp}/empty", "--resume"], "nothing to resume"),
-    (
-        "train",
-        ["--dataset", "coco", "--max-steps", "1", "--output-dir", "{tmp}/r"],
-        "dataset 'coco' needs --train-images and --train-annotations",
-    ),
-    ("evaluate", ["--checkpoint", "{tmp}/missing"], "missing: no such file or directory"),
-    ("predict", ["--checkpoint", "{tmp}", "--input", "{tmp}/*.jpg", "--output-dir", "{tmp}/p"], "no image matches it"),
+    ("train", "--dataset coco --train-images nowhere --train-annotations x.json", "nowhere: image folder not found"),
+    ("train", "--dataset folder --task detection", "dataset 'folder' serves segmentation only"),
+    ("train", "--task segmentation --model fasterrcnn", "model 'fasterrcnn' does not do task 'segmentation'"),
+    ("train", "--dataset coco", "dataset 'coco' needs --train-images and --train-annotations"),
+    ("train", "--resume", "nothing to resume"),
+    ("train", "--output-dir {run}", "already holds a run with checkpoints; pass --resume"),
+    ("evaluate", "--checkpoint {tmp}/missing", "missing: no such file or directory"),
+    ("predict", "--checkpoint {run} --input {tmp}/*.jpg --output-dir {tmp}/p", "no image matches it"),
 ]
 
 
-@pytest.mark.parametrize(("tool", "argv", "message"), CLI_ERRORS, ids=[m for _, _, m in CLI_ERRORS])
-def test_cli_errors_are_one_short_line(tool: str, argv: list[str], message: str, tmp_path: Path, capsys) -> None:
-    code = _run_tool(tool, [a.replace("{tmp}", str(tmp_path)) for a in argv])
+@pytest.mark.parametrize(("tool", "args", "message"), CLI_ERRORS, ids=[m for _, _, m in CLI_ERRORS])
+def test_cli_errors_are_one_short_line(tool: str, args: str, message: str, tmp_path: Path, ddp_run: Path, capsys):
+    argv = args.format(tmp=tmp_path, run=ddp_run).split()
+    if tool == "train":
+        argv = ["--max-steps", "1", *argv] + ([] if "--output-dir" in argv else ["--output-dir", str(tmp_path / "r")])
+    code = _run_tool(tool, argv)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert err.startswith(f"{Path(sys.argv[0]).name}: error: ") and len(err.strip().splitlines()) == 1
@@ -276,20 +198,8 @@ def test_cli_error_from_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "ann.json"
     (tmp_path / "img").mkdir()
     bad.write_text(json.dumps({"images": [], "categories": [{"id": 1}], "annotations": []}))
-    command = [
-        sys.executable,
-        str(ROOT / "tools" / "train.py"),
-        "--dataset",
-        "coco",
-        "--train-images",
-        str(tmp_path / "img"),
-        "--train-annotations",
-        str(bad),
-        "--max-steps",
-        "1",
-        "--output-dir",
-        str(tmp_path / "r"),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", "coco", "--train-images"]
+    command += [str(tmp_path / "img"), "--train-annotations", str(bad), "--max-steps", "1", "--output-dir", "out"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"train.py: error: {bad}: empty dataset: 'images' lists no image"

@@ -28,6 +28,7 @@ from pvt_backbone.engine.cli import (
     parse_model_args,
     run_cli,
 )
+from pvt_backbone.engine.tasks import HEAD_NORMS
 from pvt_backbone.engine.trainer import TrainConfig, train
 
 
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="b2", help="PVTv2 variant (default b2)")
     parser.add_argument("--weights-backbone", help="backbone checkpoint (any layout load_weights reads)")
     parser.add_argument("--trainable-stages", type=int, default=4, help="backbone stages trained, from the last (4)")
+    parser.add_argument(
+        "--head-norm",
+        choices=HEAD_NORMS,
+        default="default",
+        help="norm in the neck/heads: the builder's default, BatchNorm or GroupNorm",
+    )
     parser.add_argument(
         "--model-arg",
         action="append",
@@ -93,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         variant=args.variant,
         weights_backbone=args.weights_backbone,
         trainable_stages=args.trainable_stages,
+        head_norm=args.head_norm,
         model_options=parse_model_args(args.model_arg),
         data=data_spec_from_args(args),
         epochs=args.epochs,

@@ -65,8 +65,8 @@ class SyntheticConfig:
     num_classes: int = 3
     min_objects: int = 1
     max_objects: int = 4
-    min_scale: float = 0.18
-    max_scale: float = 0.45
+    min_scale: float = 0.22
+    max_scale: float = 0.5
     clutter: int = 10
     seed: int = 0
 

@@ -101,7 +101,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         if os.environ.get("PVT_DEBUG"):
             raise
         message = short_message(error).strip() or type(error).__name__
-        if not isinstance(error, (ValueError, TypeError, FileNotFoundError)):
+        if not isinstance(error, (ValueError, TypeError, FileNotFoundError, FileExistsError)):
             message = f"{type(error).__name__}: {message}"
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_ERROR

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+from heads import group_norm
 
 from ..data import (
     CocoDetection,
@@ -35,6 +39,7 @@ __all__ = [
     "training_loss",
     "evaluate",
     "primary_metric",
+    "plotted_metrics",
 ]
 
 TASKS: dict[str, tuple[str, ...]] = {
@@ -47,6 +52,7 @@ MODEL_TASK = {model: task for task, models in TASKS.items() for model in models}
 DATASETS = ("synthetic", "coco", "folder")
 _IOU_TYPES = {"detection": ("bbox",), "instance": ("bbox", "segm"), "keypoints": ("bbox", "keypoints")}
 _PRIMARY = {"detection": "bbox_mAP", "instance": "segm_mAP", "keypoints": "keypoints_mAP", "segmentation": "mIoU"}
+HEAD_NORMS = ("default", "bn", "gn")
 # Default image side per dataset kind: tiny synthetic scenes, COCO's shorter side, a common segmentation crop.
 DEFAULT_IMAGE_SIZE = {"synthetic": 160, "coco": 800, "folder": 512}
 
@@ -75,9 +81,11 @@ class ModelSpec:
 
     ``num_classes`` is what the model predicts: for detectors the categories plus background (labels 1..K), for
     segmenters the class ids 0..C-1. ``class_names`` names labels 1..K (detectors) or ids 0..C-1 (segmenters).
-    ``options`` are extra keyword arguments for the builder (e.g. ``{"fpn_channels": 128}``). ``head_norm="bn"``
-    puts BatchNorm in the neck/heads (what ``--sync-bn`` converts to SyncBatchNorm); ``"default"`` keeps each
-    builder's own choice (GroupNorm in the segmentation heads, none in torchvision's R-CNN heads and FPN).
+    ``options`` are extra keyword arguments for the builder (e.g. ``{"fpn_channels": 128}``), JSON values only;
+    ``anchor_sizes`` (one list of sizes per pyramid level, e.g. ``[[16, 23], [32, 45], ...]``) builds the anchor
+    generator (aspect ratios 0.5, 1, 2) of the anchor-based detectors. ``head_norm``:
+    ``"default"`` keeps each builder's choice (GroupNorm in the segmentation heads, no norm in the detectors' FPN);
+    ``"bn"`` puts BatchNorm there (what ``--sync-bn`` converts to SyncBatchNorm); ``"gn"`` GroupNorm.
     """
 
     task: str
@@ -93,13 +101,17 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         resolve_task_model(self.task, self.model)
-        if self.head_norm not in ("default", "bn"):
-            raise ValueError(f"head_norm must be 'default' or 'bn', got {self.head_norm!r}")
+        if self.head_norm not in HEAD_NORMS:
+            raise ValueError(f"head_norm must be one of {', '.join(HEAD_NORMS)}, got {self.head_norm!r}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 px, got {self.image_size}")
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "category_ids", tuple(self.category_ids))
         object.__setattr__(self, "keypoint_names", tuple(self.keypoint_names))
+        try:  # JSON values only, in their JSON form (tuples become lists), so a spec equals its run.json copy
+            object.__setattr__(self, "options", json.loads(json.dumps(dict(self.options))))
+        except TypeError as error:
+            raise TypeError(f"model options must be JSON values (numbers, strings, lists): {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,8 +151,8 @@ def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainab
 
         head = "fpn" if spec.model == "semantic_fpn" else "mlp"
         options = dict(spec.options)
-        if spec.head_norm == "bn":
-            options["norm_layer"] = nn.BatchNorm2d
+        if spec.head_norm != "default":
+            options["norm_layer"] = nn.BatchNorm2d if spec.head_norm == "bn" else group_norm
         if trainable_stages != 4:
             options["frozen_stages"] = 4 - trainable_stages
         return semantic_fpn_pvt_v2(
@@ -155,9 +167,13 @@ def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainab
     }
     if spec.task == "keypoints":
         kwargs["num_keypoints"] = len(spec.keypoint_names)
-    if spec.head_norm == "bn":
-        kwargs["fpn_norm_layer"] = nn.BatchNorm2d
-    kwargs.update(spec.options)
+    if spec.head_norm != "default":
+        kwargs["fpn_norm_layer"] = nn.BatchNorm2d if spec.head_norm == "bn" else group_norm
+    options = dict(spec.options)
+    anchor_sizes = options.pop("anchor_sizes", None)
+    if anchor_sizes is not None:
+        kwargs[_anchor_argument(spec.model)] = _anchor_generator(anchor_sizes)
+    kwargs.update(options)
     return builder(
         spec.variant,
         num_classes=spec.num_classes,
@@ -165,6 +181,21 @@ def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainab
         trainable_stages=trainable_stages,
         **kwargs,
     )
+
+
+def _anchor_argument(model: str) -> str:
+    if model == "fcos":
+        raise ValueError("fcos is anchor-free: anchor_sizes applies to fasterrcnn, maskrcnn, keypointrcnn, retinanet")
+    return "anchor_generator" if model == "retinanet" else "rpn_anchor_generator"
+
+
+def _anchor_generator(sizes: Any) -> AnchorGenerator:
+    """One tuple of anchor sizes per pyramid level, aspect ratios 0.5, 1 and 2 at every level."""
+    try:
+        levels = tuple(tuple(int(size) for size in level) for level in sizes)
+    except TypeError:
+        raise ValueError(f"anchor_sizes must be one list of sizes per pyramid level, got {sizes!r}") from None
+    return AnchorGenerator(levels, ((0.5, 1.0, 2.0),) * len(levels))
 
 
 @dataclass(frozen=True)
@@ -295,6 +326,14 @@ def evaluate(
 def primary_metric(task: str) -> str:
     """The metric a task is judged by: ``bbox_mAP``, ``segm_mAP``, ``keypoints_mAP`` or ``mIoU``."""
     return _PRIMARY[task]
+
+
+def plotted_metrics(task: str) -> tuple[str, ...]:
+    """What the loss curve shows next to the loss: mAP and mAP50 of the task's main IoU type, or mIoU and pixel
+    accuracy."""
+    if task == "segmentation":
+        return ("mIoU", "pixel_accuracy")
+    return (f"{_PRIMARY[task]}50", _PRIMARY[task])
 
 
 def steps_per_epoch(samples_per_rank: int, batch_size: int) -> int:

@@ -19,7 +19,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from .tasks import (
     build_datasets,
     build_model,
     evaluate,
-    primary_metric,
+    plotted_metrics,
     resolve_task_model,
     steps_per_epoch,
     training_loss,
@@ -81,6 +81,7 @@ class TrainConfig:
     variant: str = "b2"
     weights_backbone: str | None = None
     trainable_stages: int = 4
+    head_norm: str = "default"
     model_options: dict[str, Any] = field(default_factory=dict)
     data: DataSpec = field(default_factory=DataSpec)
     epochs: int | None = None
@@ -133,6 +134,8 @@ class TrainConfig:
             )
         if self.schedule not in ("cosine", "poly"):
             raise ValueError(f"schedule must be 'cosine' or 'poly', got {self.schedule!r}")
+        if self.sync_bn and self.head_norm not in ("default", "bn"):
+            raise ValueError(f"sync_bn synchronises BatchNorm; it cannot be combined with head_norm={self.head_norm!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -204,15 +207,15 @@ class _Log:
             stream.write(json.dumps(record) + "\n")
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metric: str | None = None) -> None:
-    """Training loss per step (raw and smoothed) and, when logged, ``metric`` at each evaluation; PNG, atomic."""
+def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metrics: Sequence[str] = ()) -> None:
+    """Training loss per step (raw and smoothed) and, on a second axis, each of ``metrics`` at every evaluation
+    that logged it; written as a PNG, atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if metric and metric in r.get("eval", {})]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps = [r["step"] for r in train]
@@ -227,21 +230,19 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metric: 
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    if evals:
+    curves = [(m, [r for r in records if m in r.get("eval", {})]) for m in metrics]
+    curves = [(m, evals) for m, evals in curves if evals]
+    if curves:
         twin = ax.twinx()
-        twin.plot(
-            [r["step"] for r in evals],
-            [r["eval"][metric] for r in evals],
-            "o-",
-            color="tab:orange",
-            label=f"val {metric}",
-        )
-        twin.set_ylabel(f"val {metric}")
+        for (metric, evals), colour in zip(curves, ("tab:orange", "tab:green", "tab:red", "tab:purple")):
+            steps = [r["step"] for r in evals]
+            twin.plot(steps, [r["eval"][metric] for r in evals], "o-", color=colour, label=f"val {metric}")
+        twin.set_ylabel("validation metric")
         twin.set_ylim(0, 1)
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     if handles:
-        ax.legend(handles, labels, loc="upper right")
+        ax.legend(handles, labels, loc="center right")
     fig.tight_layout()
     atomic_write(path, lambda temp: fig.savefig(temp, format="png"))
     plt.close(fig)
@@ -316,6 +317,11 @@ def _autocast(device: torch.device, enabled: bool):
 
 def _find_resume(config: TrainConfig) -> Checkpoint | None:
     if config.resume is False or config.resume is None:
+        if latest_checkpoint(config.output_dir) is not None:
+            raise FileExistsError(
+                f"{config.output_dir} already holds a run with checkpoints; pass --resume to continue it, or choose "
+                "another --output-dir"
+            )
         return None
     if config.resume is True:
         checkpoint = latest_checkpoint(config.output_dir)
@@ -349,7 +355,7 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: Callable | None) -> Train
         config.variant,
         train_set,
         image_size=config.data.resolved_image_size,
-        head_norm="bn" if config.sync_bn else "default",
+        head_norm="bn" if config.sync_bn else config.head_norm,
         options=dict(config.model_options),
     )
     if resume_from is not None:
@@ -439,7 +445,6 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: Callable | None) -> Train
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(output_dir / "run.json", lambda p: p.write_text(json.dumps(run_info, indent=2) + "\n"))
         log = _Log(output_dir / LOG_FILE, resume_step=start_step if resume_from is not None else None)
-    metric = primary_metric(task)
     evals: list[dict[str, Any]] = []
 
     def run_eval(step: int) -> None:
@@ -530,7 +535,7 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: Callable | None) -> Train
         if progress is not None:
             progress.close()
     if info.is_main and log is not None:
-        plot_loss_curve(read_log(log.path), output_dir / LOSS_PNG, metric=metric)
+        plot_loss_curve(read_log(log.path), output_dir / LOSS_PNG, metrics=plotted_metrics(task))
     barrier()
     return TrainResult(model, spec, step, evals, checkpoint, time.perf_counter() - started)
 
