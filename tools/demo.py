@@ -36,9 +36,9 @@ MODEL = "fasterrcnn"
 VARIANT = "b0"
 IMAGE_SIZE = 96
 CLASSES = 3  # circle, square, triangle
-STEPS = 700
+STEPS = 1000
 BATCH_SIZE = 4
-LR = 1.5e-3  # high for PVT, but these are tiny images, a tiny model and a short run
+LR = 1e-3  # high for PVT, but these are tiny images, a tiny model and a short run
 HEAD_NORM = "gn"  # GroupNorm in the FPN: trains faster from scratch
 MODEL_OPTIONS = {
     "fpn_channels": 64,  # torchvision uses 256; FPN, RPN and box-head cost scale with it
@@ -51,7 +51,7 @@ MODEL_OPTIONS = {
     "rpn_post_nms_top_n_test": 200,
 }
 VAL_IMAGES = 50
-EVAL_EVERY = 175  # points on the loss curve's mAP line
+EVAL_EVERY = 250  # points on the loss curve's mAP line
 TARGET_MAP50 = 0.5
 
 
