@@ -8,7 +8,8 @@ medians are compared. FLOPs come from ``torch.utils.flop_counter`` on the meta d
 GFLOP/s and a fraction of the machine's matmul peak measured at start-up (best of several fp32 GEMMs). Peak memory is
 how far one step raises the process's peak resident set size above its level before the step (Linux ``VmHWM``,
 reset per measurement: activations, gradients, workspaces) on CPU, and ``torch.cuda.max_memory_allocated`` on CUDA;
-it is measured in a separate, untimed run of each step.
+it is measured in a separate, untimed run of each step. The gradient-checkpointing rows run each setting in a
+fresh process, so both start from the same heap.
 
 Everything returns plain dataclasses; :func:`to_markdown`, :func:`to_json` and :func:`plot_throughput` render them.
 """
@@ -19,11 +20,13 @@ import contextlib
 import dataclasses
 import gc
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,8 +361,9 @@ def run_benchmark(settings: BenchmarkSettings, *, log: Callable[[str], None] = p
     torch.manual_seed(settings.seed)
     for case in sorted({*settings.cases, *(settings.train_cases or ())}, key=lambda c: (c.height * c.width, c.batch)):
         images = torch.randn(case.batch, 3, case.height, case.width, device=device)
-        diff = check_same_outputs(models, images)
-        report.notes.append(f"{case}: max |ours - timm| logits = {diff:.2e} (fp32, same weights)")
+        if "timm" in models:
+            diff = check_same_outputs(models, images)
+            report.notes.append(f"{case}: max |ours - timm| logits = {diff:.2e} (fp32, same weights)")
         for task in settings.tasks:
             task_cases = settings.cases if task == "inference" else (settings.train_cases or settings.cases)
             if case not in task_cases:
@@ -378,7 +382,7 @@ def run_benchmark(settings: BenchmarkSettings, *, log: Callable[[str], None] = p
     if settings.onnx:
         _measure_onnx(report, models["ours"], settings, device, build, log)
     if settings.checkpointing:
-        _measure_checkpointing(report, models["ours"], settings, device, log)
+        _measure_checkpointing(report, settings, device, log)
     if settings.detector:
         _measure_detector(report, settings, device, log)
     return report
@@ -481,36 +485,52 @@ def _measure_onnx(
 
 
 def _measure_checkpointing(
-    report: Report, model: nn.Module, settings: BenchmarkSettings, device: torch.device, log: Callable[[str], None]
+    report: Report, settings: BenchmarkSettings, device: torch.device, log: Callable[[str], None]
 ) -> None:
-    """Training-step peak memory and time of our model with and without gradient checkpointing."""
+    """Training-step peak memory and time of our model with and without gradient checkpointing.
+
+    Each setting runs in a fresh process (``spawn``): the RSS peak of a process that has already run other models
+    depends on what its heap holds, which made the in-process figures swing by 100+ MiB between runs.
+    """
     if not PeakMemory.supported(device):
         report.notes.append("checkpointing: skipped (peak memory not measurable on this platform)")
         return
     case = settings.checkpointing_case
-    images = torch.randn(case.batch, 3, case.height, case.width, device=device)
+    iterations = max(1, settings.iterations // 2)
     for enabled in (False, True):
-        model.set_grad_checkpointing(enabled)
-        step = make_step(model, images, "train", "fp32")
-        step()
-        with PeakMemory(device) as peak:
-            step()
-        times = time_interleaved({"s": step}, iterations=max(1, settings.iterations // 2), warmup=0, device=device)
-        m = Measurement(
-            "ours",
-            settings.variant,
-            "train",
-            "fp32",
-            "checkpointing" if enabled else "no checkpointing",
-            str(case),
-            times["s"],
-            None,
-            peak.mib,
-        )
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            peak_mib, times = pool.submit(
+                checkpointing_step,
+                settings.variant,
+                case,
+                enabled=enabled,
+                iterations=iterations,
+                device=str(device),
+                num_threads=torch.get_num_threads(),
+                seed=settings.seed,
+            ).result()
+        mode = "checkpointing" if enabled else "no checkpointing"
+        m = Measurement("ours", settings.variant, "train", "fp32", mode, str(case), times, None, peak_mib)
         report.measurements.append(m)
-        log(f"grad checkpointing={enabled}: peak memory {peak.mib:.0f} MiB, median {m.median_s:.2f} s")
-    model.set_grad_checkpointing(False)
-    model.zero_grad(set_to_none=True)
+        log(f"grad checkpointing={enabled}: peak memory {peak_mib:.0f} MiB, median {m.median_s:.2f} s")
+
+
+def checkpointing_step(
+    variant: str, case: Case, *, enabled: bool, iterations: int, device: str, num_threads: int, seed: int
+) -> tuple[float, list[float]]:
+    """Peak memory (MiB, see :class:`PeakMemory`) and times (s) of our classifier's training step in this process."""
+    from . import classifier
+
+    torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    target = torch.device(device)
+    model = getattr(classifier, f"pvt_v2_{variant}")(grad_checkpointing=enabled).to(target)
+    step = make_step(model, torch.randn(case.batch, 3, case.height, case.width, device=target), "train", "fp32")
+    step()
+    with PeakMemory(target) as peak:
+        step()
+    times = time_interleaved({"step": step}, iterations=iterations, warmup=0, device=target)["step"]
+    return float(peak.mib or 0.0), times
 
 
 def _current_memory_mib(device: torch.device) -> float:

@@ -1,0 +1,148 @@
+"""The benchmark's machinery: case parsing, interleaving, the same-output check, reports and the CLI (never timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvt_backbone import pvt_v2_b0
+from pvt_backbone.benchmark import (
+    BenchmarkSettings,
+    Case,
+    PeakMemory,
+    check_same_outputs,
+    parse_case,
+    plot_throughput,
+    run_benchmark,
+    settings_from,
+    summarize_targets,
+    time_interleaved,
+    to_json,
+    to_markdown,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("text", "case"), [("512x512:1", Case(512, 512, 1)), (" 224x96 ", Case(224, 96, 1))])
+def test_parse_case(text: str, case: Case) -> None:
+    assert parse_case(text) == case
+    assert str(case) == f"{case.height}x{case.width} b{case.batch}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("512", "HEIGHTxWIDTH"), ("axb:1", "HEIGHTxWIDTH"), ("0x64", "positive"), ("64x64:0", "positive")],
+)
+def test_parse_case_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_case(text)
+
+
+def test_settings_reject_unknown_values() -> None:
+    with pytest.raises(ValueError, match="tasks must be"):
+        settings_from(tasks=("inference", "serve"))
+    with pytest.raises(ValueError, match="iterations"):
+        settings_from(iterations=0)
+    with pytest.raises(TypeError):
+        settings_from(not_a_field=1)
+
+
+def test_time_interleaved_alternates_order() -> None:
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = time_interleaved(steps, iterations=3, warmup=1, device=torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a-b, b-a, a-b
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
+
+
+def test_check_same_outputs_refuses_different_models() -> None:
+    torch.manual_seed(0)
+    first = pvt_v2_b0(num_classes=5)
+    torch.manual_seed(1)
+    second = pvt_v2_b0(num_classes=5)
+    images = torch.randn(1, 3, 64, 64)
+    assert check_same_outputs({"ours": first, "timm": first}, images) == 0.0
+    with pytest.raises(AssertionError, match="not timing"):
+        check_same_outputs({"ours": first, "timm": second}, images)
+
+
+def test_peak_memory_sees_an_allocation() -> None:
+    if not PeakMemory.supported(torch.device("cpu")):
+        pytest.skip("no /proc/self/clear_refs here")
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert block.sum().item() == block.numel()
+    assert peak.mib is not None and 60 <= peak.mib < 200
+
+
+def test_small_run_reports_every_requested_row(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    settings = BenchmarkSettings(
+        variant="b0",
+        cases=(Case(64, 64, 1), Case(64, 96, 2)),
+        train_cases=(Case(64, 64, 1),),
+        dtypes=("fp32",),
+        iterations=1,
+        warmup=0,
+        onnx=False,
+        detector=False,
+        checkpointing_case=Case(64, 64, 1),
+    )
+    report = run_benchmark(settings, log=lambda line: None)
+    rows = {(m.impl, m.task, m.mode, m.case) for m in report.measurements}
+    assert rows == {
+        *((impl, "inference", "eager", case) for impl in ("ours", "timm") for case in ("64x64 b1", "64x96 b2")),
+        *((impl, "train", "eager", "64x64 b1") for impl in ("ours", "timm")),
+        ("ours", "train", "no checkpointing", "64x64 b1"),
+        ("ours", "train", "checkpointing", "64x64 b1"),
+    }
+    assert all(m.median_s and m.median_s > 0 for m in report.measurements)
+    checkpointed = [m for m in report.measurements if "checkpointing" in m.mode]
+    assert all(m.peak_memory_mib and m.peak_memory_mib > 0 for m in checkpointed)
+    assert sum("max |ours - timm|" in note for note in report.notes) == 2
+
+    table = to_markdown(report)
+    assert "| inference | fp32 | eager | 64x96 b2 |" in table and "| ours (checkpointing) train fp32 |" in table
+    payload = json.loads(to_json(report))
+    assert len(payload["measurements"]) == len(report.measurements)
+    assert payload["machine"]["cores"] >= 1
+    targets = summarize_targets(report, cases=("64x64 b1",))
+    assert targets[0].startswith("fp32 inference 64x64 b1: ") and "with grad checkpointing" in targets[-1]
+    pytest.importorskip("matplotlib")
+    written = plot_throughput(report, tmp_path / "plot.png")
+    assert written is not None and written.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sizes", "64"], "HEIGHTxWIDTH"),
+        (["--tasks", "serve"], "--tasks must be"),
+        (["--iterations", "0"], "--iterations"),
+        (["--variant", "b9"], "invalid choice"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("benchmark_cli", ROOT / "tools" / "benchmark.py")
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_error_is_one_line_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--sizes", "64"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "HEIGHTxWIDTH" in result.stderr and "Traceback" not in result.stderr
