@@ -408,7 +408,7 @@ def _measure(
         for name, step in steps.items():
             start = time.perf_counter()
             step()
-            notes[name] = f"compile+first step {time.perf_counter() - start:.0f} s"
+            notes[name] = f"{name}: compile+first step {time.perf_counter() - start:.0f} s"
     memory = {}
     for name, step in steps.items():
         if PeakMemory.supported(device):
