@@ -7,9 +7,9 @@ each implementation is warmed up, then the implementations run interleaved, alte
 medians are compared. FLOPs come from ``torch.utils.flop_counter`` on the meta device and are turned into achieved
 GFLOP/s and a fraction of the machine's matmul peak measured at start-up (best of several fp32 GEMMs). Peak memory is
 how far one step raises the process's peak resident set size above its level before the step (Linux ``VmHWM``,
-reset per measurement: activations, gradients, workspaces) on CPU, and ``torch.cuda.max_memory_allocated`` on CUDA;
-it is measured in a separate, untimed run of each step. The gradient-checkpointing rows run each setting in a
-fresh process, so both start from the same heap.
+reset per measurement: activations, gradients, workspaces) on CPU, and ``torch.cuda.max_memory_allocated`` above
+``memory_allocated`` at entry on CUDA; it is measured in a separate, untimed run of each step. The
+gradient-checkpointing rows run each setting in a fresh process, so both start from the same heap.
 
 Everything returns plain dataclasses; :func:`to_markdown`, :func:`to_json` and :func:`plot_throughput` render them.
 """
@@ -196,7 +196,8 @@ def matmul_peak_gflops(device: str | torch.device = "cpu", *, size: int = 2048, 
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or the process's peak RSS on Linux (``VmHWM``, reset first).
+    """How far a block raises memory above its level at entry: CUDA max allocated, or on Linux the process's peak RSS
+    (``VmHWM``, reset first). Weights already resident (both models', when they share the device) are not counted.
 
     ``PeakMemory.supported(device)`` says whether it can measure; ``with PeakMemory(device) as peak: ...`` then
     ``peak.mib``.
@@ -204,7 +205,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.mib: float | None = None  # peak during the block (CPU: above the RSS at entry)
+        self.mib: float | None = None  # peak during the block, above the level at entry
         self.baseline_mib = 0.0
 
     @staticmethod
@@ -218,6 +219,7 @@ class PeakMemory:
         _release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mib = torch.cuda.memory_allocated(self.device) / 2**20
         elif self.supported(self.device):
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             self.baseline_mib = _current_memory_mib(self.device)
@@ -225,7 +227,7 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
-            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline_mib
         elif self.supported(self.device):
             for line in Path("/proc/self/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -446,11 +448,11 @@ def _measure_onnx(
 
     from .export import export_onnx, onnxruntime_session
 
+    if settings.variant == "b2_li":
+        report.notes.append("ONNX: skipped for b2_li (adaptive pooling needs one fixed size per export)")
+        return
     cpu_model = model.to("cpu").eval()
     with tempfile.TemporaryDirectory() as directory:
-        if settings.variant == "b2_li":
-            report.notes.append("ONNX: skipped for b2_li (adaptive pooling needs one fixed size per export)")
-            return
         start = time.perf_counter()
         path = export_onnx(cpu_model, torch.randn(1, 3, 224, 224), Path(directory) / "model.onnx")
         report.notes.append(f"ONNX: exported once with dynamic batch/H/W in {time.perf_counter() - start:.0f} s")
@@ -596,7 +598,10 @@ def to_json(report: Report) -> str:
             median_s=m.median_s,
             images_per_s=m.images_per_s(_batch_of(m.case)),
             gflops_per_s=m.gflops_per_s(),
-            fraction_of_matmul_peak=(m.gflops_per_s() or 0) / report.matmul_peak_gflops if m.gflops_per_s() else None,
+            # the peak is fp32's, so only fp32 rows get a fraction
+            fraction_of_matmul_peak=(m.gflops_per_s() or 0) / report.matmul_peak_gflops
+            if m.gflops_per_s() and m.dtype == "fp32"
+            else None,
         )
         rows.append(row)
     payload = {
@@ -637,7 +642,7 @@ def to_markdown(report: Report) -> str:
         if ours and timm and ours.median_s and timm.median_s:
             speedup = timm.median_s / ours.median_s
         rate = ours.gflops_per_s() if ours else None
-        achieved = f"{rate:.0f} ({rate / peak:.0%})" if rate else "-"
+        achieved = "-" if not rate else f"{rate:.0f} ({rate / peak:.0%})" if dtype == "fp32" else f"{rate:.0f}"
         memory = f"{_fmt(ours.peak_memory_mib if ours else None, '{:.0f}')} / " + _fmt(
             timm.peak_memory_mib if timm else None, "{:.0f}"
         )

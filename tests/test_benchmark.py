@@ -15,7 +15,9 @@ from pvt_backbone import pvt_v2_b0
 from pvt_backbone.benchmark import (
     BenchmarkSettings,
     Case,
+    Measurement,
     PeakMemory,
+    Report,
     check_same_outputs,
     parse_case,
     plot_throughput,
@@ -118,6 +120,29 @@ def test_small_run_reports_every_requested_row(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     written = plot_throughput(report, tmp_path / "plot.png")
     assert written is not None and written.read_bytes().startswith(b"\x89PNG")
+
+
+def test_markdown_speedup_and_peak_fraction() -> None:
+    report = Report(machine={"cpu": "test cpu", "cores": 2}, settings={}, matmul_peak_gflops=100.0)
+    for impl, seconds in (("ours", 0.5), ("timm", 1.0)):
+        for dtype in ("fp32", "bf16"):
+            report.measurements.append(
+                Measurement(impl, "b2", "inference", dtype, "eager", "224x224 b2", [seconds, 9.0, seconds], 20.0)
+            )
+    rows = [line for line in to_markdown(report).splitlines() if line.startswith("| inference")]
+    # medians 0.5 s vs 1.0 s: 4 vs 2 img/s at batch 2, 2x; 20 GFLOP / 0.5 s = 40 GFLOP/s, 40% of the fp32 peak only
+    assert rows == [
+        "| inference | fp32 | eager | 224x224 b2 | 4.00 | 2.00 | 2.00x | 40 (40%) | - / - |  |",
+        "| inference | bf16 | eager | 224x224 b2 | 4.00 | 2.00 | 2.00x | 40 | - / - |  |",
+    ]
+    rows = json.loads(to_json(report))["measurements"]
+    fractions = {(m["impl"], m["dtype"]): m["fraction_of_matmul_peak"] for m in rows}
+    assert fractions == {
+        ("ours", "fp32"): pytest.approx(0.4),
+        ("timm", "fp32"): pytest.approx(0.2),
+        ("ours", "bf16"): None,
+        ("timm", "bf16"): None,
+    }
 
 
 @pytest.mark.parametrize(
