@@ -43,9 +43,10 @@ class ClassificationHead(nn.Module):
         if num_classes == 0:
             self.weight, self.bias = None, None
             return
-        device = self.weight.device if self.weight is not None else None
-        self.weight = nn.Parameter(torch.empty(num_classes, self.in_channels, device=device))
-        self.bias = nn.Parameter(torch.zeros(num_classes, device=device))
+        # keep where and in what precision the head lives (the model may have been moved or cast already)
+        like = {"device": self.weight.device, "dtype": self.weight.dtype} if self.weight is not None else {}
+        self.weight = nn.Parameter(torch.empty(num_classes, self.in_channels, **like))
+        self.bias = nn.Parameter(torch.zeros(num_classes, **like))
         nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -95,3 +95,10 @@ def test_classifier_freezing_and_checkpointing(tiny_config: PVTv2Config) -> None
     assert model.patch_embed.proj.weight.grad is None and model.stages[1].norm.weight.grad is None
     assert model.stages[2].norm.weight.grad is not None and model.head.weight.grad is not None
     assert not model.stages[1].training and model.head.training
+
+
+def test_head_reset_keeps_device_and_dtype() -> None:
+    head = ClassificationHead(8, 4).to(torch.bfloat16)
+    head.reset(3)
+    assert head.weight.dtype == head.bias.dtype == torch.bfloat16 and head.weight.shape == (3, 8)
+    assert head(torch.randn(2, 8, 5, 5, dtype=torch.bfloat16)).shape == (2, 3)

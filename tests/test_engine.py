@@ -77,6 +77,40 @@ def test_coco_wrapper_matches_a_hand_computed_case() -> None:
     assert metrics["bbox_mAP"] == pytest.approx((5 * 1.0 + 5 * 51 / 101) / 10)
 
 
+def test_segm_scoring_uses_the_mask_area() -> None:
+    """COCO rates segm detections by mask area: a false positive with a 5x5 mask in a 200x200 box is "small", so it
+    must not cost precision in the "large" range, where the one (100x100) object is found exactly."""
+    coco = coco_from_dict(
+        {
+            "images": [{"id": 1, "width": 200, "height": 200}],
+            "categories": [{"id": 7, "name": "thing"}],
+            "annotations": [
+                {
+                    "id": 1,
+                    "image_id": 1,
+                    "category_id": 7,
+                    "bbox": [10, 10, 100, 100],
+                    "area": 10000,
+                    "iscrowd": 0,
+                    "segmentation": [[10, 10, 110, 10, 110, 110, 10, 110]],
+                }
+            ],
+        }
+    )
+    masks = torch.zeros(2, 1, 200, 200)
+    masks[0, 0, 10:110, 10:110] = 0.9
+    masks[1, 0, 190:195, 190:195] = 0.9
+    output = {
+        "boxes": torch.tensor([[10.0, 10.0, 110.0, 110.0], [0.0, 0.0, 200.0, 200.0]]),
+        "labels": torch.tensor([1, 1]),
+        "scores": torch.tensor([0.8, 0.9]),  # the false positive ranks first
+        "masks": masks,
+    }
+    metrics = coco_evaluate(coco, coco_results([output], [1], [7]), ("segm",))
+    assert metrics["segm_mAP_large"] == pytest.approx(1.0)
+    assert metrics["segm_mAP"] < 1.0  # in the "all" range the false positive does cost precision
+
+
 def test_coco_wrapper_scores_no_detections_as_zero() -> None:
     metrics = coco_evaluate(_ground_truth(), [], ("bbox", "segm"))
     assert metrics["bbox_mAP"] == 0.0 and metrics["segm_mAP50"] == 0.0
@@ -110,6 +144,35 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
 
 def _save(root: Path, step: int, net: nn.Module, keep: int = 2) -> ckpt.Checkpoint:
     return ckpt.save_checkpoint(root, step=step, model=net, state={"step": step}, run={"model": "net"}, keep=keep)
+
+
+def _confusion_rank(rank: int, port: int, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        matrix = ConfusionMatrix(2)
+        matrix.update(torch.tensor([rank, 1]), torch.tensor([1, 1]))  # rank 0: one miss, one hit; rank 1: two hits
+        matrix.all_reduce("cpu")
+        results.put((rank, matrix.matrix.tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_confusion_matrix_sums_over_processes() -> None:
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_confusion_rank, args=(rank, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    gathered = dict(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert gathered == {0: [[0, 0], [1, 3]], 1: [[0, 0], [1, 3]]}  # rows: target, columns: prediction
 
 
 def test_checkpoint_round_trip_pointer_and_pruning(tmp_path: Path) -> None:
@@ -243,3 +306,5 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="exact resume needs the same"):
         train(_tiny_run(crashed, resume=str(crashed / "checkpoints" / "step_00000002"), batch_size=2))
+    with pytest.raises(ValueError, match=r"total 4 steps.*total 8 steps.*train longer"):  # a longer schedule
+        train(_tiny_run(crashed, resume=str(crashed / "checkpoints" / "step_00000002"), max_steps=8))

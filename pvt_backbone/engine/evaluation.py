@@ -119,6 +119,8 @@ def coco_evaluate(
             raise ValueError(f"iou_type must be 'bbox', 'segm' or 'keypoints', got {iou_type!r}")
         names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else COCO_STAT_NAMES
         relevant = [r for r in results if _has_field(r, iou_type)]
+        if iou_type == "segm":  # with a "bbox" key, loadRes takes the box area: wrong small/medium/large split
+            relevant = [{k: v for k, v in r.items() if k != "bbox"} for r in relevant]
         if not relevant:
             metrics.update({f"{iou_type}_{name}": 0.0 for name in names})
             continue
@@ -266,9 +268,12 @@ class ConfusionMatrix:
             self.num_classes, self.num_classes
         )
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum the matrix over processes; ``device`` is where the process group communicates (CUDA for nccl)."""
         if _rank_world()[1] > 1:
-            dist.all_reduce(self.matrix)
+            total = self.matrix.to(device)
+            dist.all_reduce(total)
+            self.matrix = total.cpu()
 
     def metrics(self) -> dict[str, Any]:
         """``mIoU`` (mean over classes that occur in target or prediction), ``pixel_accuracy``, ``iou`` per class
@@ -338,5 +343,5 @@ def evaluate_segmentation(
             matrix.update(logits.argmax(1)[0].cpu(), mask)
     finally:
         model.train(was_training)
-    matrix.all_reduce()
+    matrix.all_reduce(device)
     return matrix.metrics()

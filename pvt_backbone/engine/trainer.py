@@ -176,6 +176,12 @@ class WarmupDecay:
         return self.min_ratio + (1 - self.min_ratio) * decay
 
 
+def _describe(schedule: WarmupDecay) -> str:
+    return (
+        f"(total {schedule.total} steps, warm-up {schedule.warmup}, {schedule.kind}, min lr ratio {schedule.min_ratio})"
+    )
+
+
 # -- logging -------------------------------------------------------------------------------------------------------
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``log.jsonl`` (a torn last line from a crash is skipped)."""
@@ -402,7 +408,15 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: Callable | None) -> Train
                 "exact resume needs the same"
             )
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        requested = WarmupDecay(**vars(schedule))
+        scheduler.load_state_dict(state["scheduler"])  # writes the saved fields into ``schedule``
+        if vars(schedule) != vars(requested):
+            raise ValueError(
+                f"{resume_from.state}: saved with the schedule {_describe(schedule)}, resumed with "
+                f"{_describe(requested)}; "
+                "exact resume needs the same max steps/epochs, warm-up, schedule and min lr ratio "
+                "(to train longer, start a new run from this run's weights)"
+            )
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"][info.rank])
         start_step = int(state["step"])
@@ -485,7 +499,12 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: Callable | None) -> Train
             batch = next(batches)
             with _autocast(info.device, config.amp):
                 loss, parts = training_loss(wrapped, task, batch, info.device)
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).to(torch.int32)
+            if info.distributed:  # every rank stops together; one rank raising alone leaves the others waiting
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                if torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss is not finite on another process at step {step}")
                 detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {step} ({detail}); lower --lr, keep --clip-grad on, "
