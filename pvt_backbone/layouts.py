@@ -567,11 +567,12 @@ def _candidates(keys: Iterable[str], layout_names: Iterable[str]) -> dict[tuple[
                 if layout.model_prefix and prefix.endswith(layout.model_prefix):
                     prefix = prefix[: len(prefix) - len(layout.model_prefix)]
                 found[(name, prefix)] = None
-    # timm and lucid share every body key; lucid's head is "classifier.", timm's "head.".
+    # timm and lucid share every body key (lucid's head is "classifier.", timm's "head."): when both match under one
+    # prefix, the head decides, and a headless file counts as timm. A single requested layout is kept as found.
     for name, prefix in list(found):
-        if name in ("timm", "lucid"):
+        if name == "timm" and ("lucid", prefix) in found:
             is_lucid = f"{prefix}classifier.weight" in key_set and f"{prefix}head.weight" not in key_set
-            found.pop((("timm" if is_lucid else "lucid"), prefix), None)
+            found.pop(("timm" if is_lucid else "lucid", prefix))
     return found
 
 

@@ -563,8 +563,10 @@ def _source_fields(source: WeightsSource | LoadReport | Checkpoint | None) -> di
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         name, digest = (path.name, _sha256(path)) if path.is_file() else (str(source), None)
+    elif isinstance(source, Mapping):
+        return {"pvt_backbone.source": "<state dict>"}
     else:
-        raise TypeError(f"source must be a path, LoadReport or Checkpoint, got {type(source).__name__}")
+        raise TypeError(f"source must be a path, state dict, LoadReport or Checkpoint, got {type(source).__name__}")
     fields = {"pvt_backbone.source": Path(name).name if not name.startswith(_HUB) else name}
     if digest:
         fields["pvt_backbone.source_sha256"] = digest
@@ -765,7 +767,7 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-CONVERT_TARGETS = ("backbone", "classifier", *[name for name in LAYOUTS if name != "timm_features"])
+CONVERT_TARGETS = ("backbone", "classifier", *LAYOUTS)
 
 
 def convert_checkpoint(
@@ -782,8 +784,8 @@ def convert_checkpoint(
 
     Args:
         to: ``backbone`` (native keys without a head), ``classifier`` (native keys with the head; the input must have
-            one), or a layout name (``timm``, ``pvt``, ``hf``, ``mmdet``, ``lucid``), which keeps the head if the
-            layout can hold it.
+            one), or a layout name (``timm``, ``timm_features``, ``pvt``, ``hf``, ``mmdet``, ``lucid``), which keeps
+            the head if the layout can hold it.
         variant: require the weights to be exactly this variant (keys and shapes); default: inferred.
     """
     if to not in CONVERT_TARGETS:

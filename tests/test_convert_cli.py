@@ -175,6 +175,26 @@ def test_trust_pickle_flag(capsys: pytest.CaptureFixture[str], native: dict[str,
     assert code == 0 and "['args']" in out
 
 
+def test_timm_features_target_loads_into_timm_features_only(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    source = tmp_path / "b0.safetensors"
+    save_file({k: v.contiguous() for k, v in PVTv2Backbone.b0().state_dict().items()}, source)
+    output = tmp_path / "features.safetensors"
+    code, out, _ = run(capsys, source, output, "--to", "timm_features")
+    assert code == 0 and "layout timm_features" in out
+    reference = timm.create_model("pvt_v2_b0", features_only=True, pretrained=False)
+    reference.load_state_dict(load_file(output), strict=True)
+    code, out, _ = run(capsys, output, tmp_path / "back.safetensors", "--from", "timm_features")
+    assert code == 0 and load_file(tmp_path / "back.safetensors").keys() == load_file(source).keys()
+
+
+def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], pvt_file: Path, tmp_path: Path) -> None:
+    code, out, err = run(capsys, pvt_file, tmp_path / "o.safetensors", "--variant", "b1")
+    assert code == 1 and out == ""
+    assert err.startswith("error: the checkpoint is not PVTv2-b1") and "mismatch" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], pvt_file: Path) -> None:
     for argv in ([pvt_file], ["--inspect", pvt_file, pvt_file], [pvt_file, "o.safetensors", "--to", "onnx"]):
         with pytest.raises(SystemExit) as info:

@@ -207,6 +207,14 @@ def test_lucid_without_head_is_timm() -> None:
     assert detect_layout(from_native(body, "lucid").state_dict) == ("timm", "")
 
 
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_headless_lucid_converts_when_asked_for_by_name(prefix: str) -> None:
+    body, _ = split_head(tiny_state_dict())
+    lucid = {prefix + k: v for k, v in from_native(body, "lucid").state_dict.items()}
+    conversion = to_native(lucid, layout="lucid")
+    assert conversion.layout == "lucid" and conversion.state_dict.keys() == body.keys()
+
+
 @pytest.mark.parametrize("container", [None, "state_dict", "model", "module", "state_dict_ema"])
 @pytest.mark.parametrize("prefix", ["", "module.", "model.", "backbone.", "backbone.body.", "module.backbone."])
 @pytest.mark.parametrize("layout", ["timm", "pvt", "hf", "mmdet", "lucid"])

@@ -459,7 +459,10 @@ def test_save_handles_aliased_and_non_contiguous_tensors(tmp_path: Path, source:
     state["stages.0.norm.bias"] = state["stages.0.norm.weight"]  # two keys, one storage
     state["stages.1.blocks.0.attn.q.weight"] = state["stages.1.blocks.0.attn.q.weight"].t().contiguous().t()
     assert not state["stages.1.blocks.0.attn.q.weight"].is_contiguous()
-    save_weights(state, tmp_path / "ok.safetensors")
+    save_weights(state, tmp_path / "ok.safetensors", source=source)  # a state dict as the source: named, no hash
+    with safe_open(tmp_path / "ok.safetensors", "pt") as handle:
+        assert handle.metadata()["pvt_backbone.source"] == "<state dict>"
+        assert "pvt_backbone.source_sha256" not in handle.metadata()
     reread = load_file(tmp_path / "ok.safetensors")
     assert torch.equal(reread["stages.0.norm.bias"], source["stages.0.norm.weight"])
     assert torch.equal(reread["stages.1.blocks.0.attn.q.weight"], source["stages.1.blocks.0.attn.q.weight"])

@@ -17,7 +17,7 @@ import sys
 from pvt_backbone import VARIANTS
 from pvt_backbone.weights import CONVERT_TARGETS, DTYPES, convert_checkpoint, inspect_checkpoint
 
-SOURCES = ("auto", "timm", "pvt", "hf", "mmdet", "lucid")
+SOURCES = ("auto", "timm", "timm_features", "pvt", "hf", "mmdet", "lucid")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(report.format())
     except Exception as exc:  # any failure: a short message and a non-zero status, never a traceback
-        print(f"error: {exc}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
 
