@@ -660,7 +660,10 @@ def to_native(checkpoint: Mapping[str, object], *, layout: str = "auto", prefix:
         if len(found) != 1:
             what = f"{name} keys" if name else "PVTv2 keys"
             where = f" under prefix {prefix!r}" if prefix is not None else ""
-            options = f": found {', '.join(f'{n} under {p!r}' for n, p in found)}" if found else ""
+            # name what is there, so a wrong --from or prefix can be corrected from the message alone
+            present = found or list(_candidates(flat, LAYOUTS))
+            listing = ", ".join(f"{n} under {p!r}" for n, p in present)
+            options = f": found {listing}" if present else ": it holds no PVTv2 layout this package knows"
             raise CheckpointError(f"cannot find exactly one set of {what}{where} in the checkpoint{options}")
         name, prefix = found[0]
     source = LAYOUTS[name]
@@ -677,6 +680,9 @@ def to_native(checkpoint: Mapping[str, object], *, layout: str = "auto", prefix:
         else:
             reason = f"outside the PVTv2 weights (prefix {prefix!r})" if prefix else "not a PVTv2 key"
             dropped.append(DroppedKey(key, reason))
+    if not body:
+        present = ", ".join(f"{n} under {p!r}" for n, p in _candidates(flat, LAYOUTS)) or "no PVTv2 layout"
+        raise CheckpointError(f"no key of the checkpoint starts with the prefix {prefix!r}; it holds {present}")
     if source.model_prefix:
         stripped = {
             k[len(source.model_prefix) :] if k.startswith(source.model_prefix) else k: v for k, v in body.items()

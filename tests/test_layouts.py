@@ -207,6 +207,16 @@ def test_lucid_without_head_is_timm() -> None:
     assert detect_layout(from_native(body, "lucid").state_dict) == ("timm", "")
 
 
+def test_wrong_layout_or_prefix_errors_name_what_is_there() -> None:
+    detector = {"backbone." + k: v for k, v in from_native(tiny_state_dict(), "mmdet").state_dict.items()}
+    with pytest.raises(CheckpointError, match=r"hf keys in the checkpoint: found mmdet under 'backbone\.'"):
+        to_native(detector, layout="hf")
+    with pytest.raises(CheckpointError, match=r"prefix 'bb\.'; it holds mmdet under 'backbone\.'"):
+        to_native(detector, layout="mmdet", prefix="bb.")
+    with pytest.raises(CheckpointError, match="holds no PVTv2 layout"):
+        to_native({"fc.weight": torch.zeros(2, 2)}, layout="hf")
+
+
 @pytest.mark.parametrize("prefix", ["", "model."])
 def test_headless_lucid_converts_when_asked_for_by_name(prefix: str) -> None:
     body, _ = split_head(tiny_state_dict())
