@@ -21,6 +21,14 @@ def _both_paths(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
     return reference, fast
 
 
+def _random_biases(model: torch.nn.Module) -> None:
+    """The reference init zeroes biases, which would hide a bias handled wrongly at the image border."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(std=0.5)
+
+
 @pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize(
     ("shape", "chunk"),
@@ -35,11 +43,31 @@ def test_inference_path_equals_autograd_path(
 ) -> None:
     monkeypatch.setattr(layers, "MLP_CHUNK_ELEMENTS", chunk)
     model = PVTv2Backbone(dataclasses.replace(tiny_config, linear=linear))
+    _random_biases(model)
     x = torch.randn(*shape)
     reference, fast = _both_paths(model, x)
     for key in reference:
         torch.testing.assert_close(fast[key], reference[key], rtol=1e-5, atol=1e-5)
         assert fast[key].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("chunk", [1 << 20, 480, 32])  # whole batch, whole images, or bands of 2-3 rows (hidden 16)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 8), (1, 1, 7, 8), (1, 7, 1, 8), (3, 5, 6, 8), (1, 23, 9, 8)])
+def test_mlp_inference_path_at_every_border(
+    linear: bool, chunk: int, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fc1's bias meets the depthwise conv's zero padding at the borders: 1-pixel-wide/high maps, bands, corners."""
+    monkeypatch.setattr(layers, "MLP_CHUNK_ELEMENTS", chunk)
+    mlp = layers.MlpDWConv(8, 16, linear=linear, drop=0.0).eval()
+    with torch.no_grad():
+        for parameter in mlp.parameters():
+            parameter.normal_()
+    x, residual = torch.randn(*shape), torch.randn(*shape)
+    expected = residual + mlp(x)
+    with torch.inference_mode():
+        result = mlp.forward_inference(x, residual.clone())
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_row_bands_on_b0_widths(monkeypatch: pytest.MonkeyPatch) -> None:
