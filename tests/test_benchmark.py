@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -30,6 +32,16 @@ from pvt_backbone.benchmark import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _load_cli() -> ModuleType:
+    """tools/benchmark.py as a module (tools/ is not a package), loaded once."""
+    spec = importlib.util.spec_from_file_location("benchmark_cli", ROOT / "tools" / "benchmark.py")
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
 
 
 @pytest.mark.parametrize(("text", "case"), [("512x512:1", Case(512, 512, 1)), (" 224x96 ", Case(224, 96, 1))])
@@ -155,12 +167,8 @@ def test_markdown_speedup_and_peak_fraction() -> None:
     ],
 )
 def test_cli_rejects_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("benchmark_cli", ROOT / "tools" / "benchmark.py")
-    assert spec is not None and spec.loader is not None
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+        _load_cli().main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

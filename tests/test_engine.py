@@ -21,34 +21,27 @@ from pvt_backbone.weights import load_weights
 
 
 # -- COCO evaluation -------------------------------------------------------------------------------------------------
-def _ground_truth():
-    """Two 100x100 images with one 40x40 object each (category id 7, so label 1 must map to 7)."""
-    return coco_from_dict(
+def _squares(image_size: int, squares: list[tuple[int, int, int]]):
+    """COCO ground truth: image i + 1 holds one square object (x, y, side) of category id 7 (label 1 maps to 7)."""
+    annotations = [
         {
-            "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
-            "categories": [{"id": 7, "name": "thing"}],
-            "annotations": [
-                {
-                    "id": 1,
-                    "image_id": 1,
-                    "category_id": 7,
-                    "bbox": [10, 10, 40, 40],
-                    "area": 1600,
-                    "iscrowd": 0,
-                    "segmentation": [[10, 10, 50, 10, 50, 50, 10, 50]],
-                },
-                {
-                    "id": 2,
-                    "image_id": 2,
-                    "category_id": 7,
-                    "bbox": [20, 20, 40, 40],
-                    "area": 1600,
-                    "iscrowd": 0,
-                    "segmentation": [[20, 20, 60, 20, 60, 60, 20, 60]],
-                },
-            ],
+            "id": i + 1,
+            "image_id": i + 1,
+            "category_id": 7,
+            "bbox": [x, y, side, side],
+            "area": side * side,
+            "iscrowd": 0,
+            "segmentation": [[x, y, x + side, y, x + side, y + side, x, y + side]],
         }
-    )
+        for i, (x, y, side) in enumerate(squares)
+    ]
+    images = [{"id": i + 1, "width": image_size, "height": image_size} for i in range(len(squares))]
+    return coco_from_dict({"images": images, "categories": [{"id": 7, "name": "thing"}], "annotations": annotations})
+
+
+def _ground_truth():
+    """Two 100x100 images with one 40x40 object each."""
+    return _squares(100, [(10, 10, 40), (20, 20, 40)])
 
 
 def _output(box: list[float], score: float) -> dict[str, torch.Tensor]:
@@ -80,23 +73,7 @@ def test_coco_wrapper_matches_a_hand_computed_case() -> None:
 def test_segm_scoring_uses_the_mask_area() -> None:
     """COCO rates segm detections by mask area: a false positive with a 5x5 mask in a 200x200 box is "small", so it
     must not cost precision in the "large" range, where the one (100x100) object is found exactly."""
-    coco = coco_from_dict(
-        {
-            "images": [{"id": 1, "width": 200, "height": 200}],
-            "categories": [{"id": 7, "name": "thing"}],
-            "annotations": [
-                {
-                    "id": 1,
-                    "image_id": 1,
-                    "category_id": 7,
-                    "bbox": [10, 10, 100, 100],
-                    "area": 10000,
-                    "iscrowd": 0,
-                    "segmentation": [[10, 10, 110, 10, 110, 110, 10, 110]],
-                }
-            ],
-        }
-    )
+    coco = _squares(200, [(10, 10, 100)])
     masks = torch.zeros(2, 1, 200, 200)
     masks[0, 0, 10:110, 10:110] = 0.9
     masks[1, 0, 190:195, 190:195] = 0.9
