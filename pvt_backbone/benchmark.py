@@ -179,11 +179,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_gflops(device: str | torch.device = "cpu", *, size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GEMM throughput of ``size``^3 over ``repeats`` runs: the roofline the model runs are compared with."""
+def matmul_peak_gflops(
+    device: str | torch.device = "cpu", *, size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best GEMM throughput of ``size``^3 over ``repeats`` runs: the roofline the model runs are compared with (fp32).
+
+    >>> matmul_peak_gflops(size=256, repeats=1) > 0
+    True
+    """
     device = torch.device(device)
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):

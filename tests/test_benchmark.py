@@ -21,6 +21,7 @@ from pvt_backbone.benchmark import (
     PeakMemory,
     Report,
     check_same_outputs,
+    matmul_peak_gflops,
     parse_case,
     plot_throughput,
     run_benchmark,
@@ -179,3 +180,8 @@ def test_cli_error_is_one_line_without_traceback() -> None:
     )
     assert result.returncode == 2
     assert "HEIGHTxWIDTH" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_peak_runs_in_the_requested_dtype(dtype: torch.dtype) -> None:
+    assert matmul_peak_gflops(size=64, repeats=1, dtype=dtype) > 0
