@@ -40,6 +40,7 @@ from .layouts import (
     NATIVE,
     Architecture,
     CheckpointError,
+    Conversion,
     DroppedKey,
     from_native,
     get_layout,
@@ -471,11 +472,7 @@ def load_weights(
     if architecture and architecture.lookalike:
         notes.append(f"these weights have the shapes of {architecture.lookalike}")
     report = LoadReport(
-        source=checkpoint.source,
-        sha256=checkpoint.sha256,
-        layout=conversion.layout,
-        prefix=conversion.prefix,
-        container=conversion.container,
+        **_provenance(checkpoint, conversion),
         architecture=architecture,
         loaded=tuple(to_load),
         dropped=conversion.dropped + tuple(plan.dropped),
@@ -483,7 +480,6 @@ def load_weights(
         unexpected=comparison.unexpected,
         mismatched=comparison.mismatched,
         notes=tuple(conversion.notes) + tuple(notes),
-        metadata=dict(checkpoint.metadata),
     )
     logger.info(report.summary().splitlines()[0])
     for note in notes:
@@ -699,6 +695,18 @@ def _check_variant(native: Mapping[str, Tensor], variant: str, architecture: Arc
         )
 
 
+def _provenance(checkpoint: Checkpoint, conversion: Conversion) -> dict[str, Any]:
+    """Where weights came from and how they were read: the fields ``LoadReport`` and ``CheckpointInfo`` share."""
+    return {
+        "source": checkpoint.source,
+        "sha256": checkpoint.sha256,
+        "layout": conversion.layout,
+        "prefix": conversion.prefix,
+        "container": conversion.container,
+        "metadata": dict(checkpoint.metadata),
+    }
+
+
 def _inspect(
     source: WeightsSource, *, layout: str, prefix: str | None, variant: str | None, trust_pickle: bool
 ) -> tuple[CheckpointInfo, Checkpoint, dict[str, Tensor]]:
@@ -710,18 +718,13 @@ def _inspect(
         _check_variant(conversion.state_dict, variant, architecture)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in conversion.state_dict.values()})
     info = CheckpointInfo(
-        source=checkpoint.source,
-        sha256=checkpoint.sha256,
-        layout=conversion.layout,
-        prefix=conversion.prefix,
-        container=conversion.container,
+        **_provenance(checkpoint, conversion),
         architecture=architecture,
         file_tensors=file_tensors,
         num_tensors=len(conversion.state_dict),
         dtypes=tuple(dtypes),
         dropped=conversion.dropped,
         notes=conversion.notes,
-        metadata=dict(checkpoint.metadata),
     )
     return info, checkpoint, conversion.state_dict
 
