@@ -183,5 +183,14 @@ def test_cli_error_is_one_line_without_traceback() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_peak_runs_in_the_requested_dtype(dtype: torch.dtype) -> None:
-    assert matmul_peak_gflops(size=64, repeats=1, dtype=dtype) > 0
+def test_matmul_peak_runs_in_the_requested_dtype(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    real_mm = torch.mm
+
+    def recording_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append((a.dtype, tuple(a.shape)))
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    assert matmul_peak_gflops(size=64, repeats=2, dtype=dtype) > 0
+    assert seen == [(dtype, (64, 64))] * 3  # one warm-up, then the timed repeats
