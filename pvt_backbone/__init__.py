@@ -23,7 +23,7 @@ from .detection import (
     pvt_fpn_backbone,
     retinanet_pvt_v2_fpn,
 )
-from .layouts import (
+from .weights.layouts import (
     LAYOUTS,
     Architecture,
     CheckpointError,
@@ -37,7 +37,7 @@ from .layouts import (
 )
 from .optim import param_groups
 from .segmentation import PVTv2Segmenter, segmentation_loss, semantic_fpn_pvt_v2
-from .weights import (
+from .weights.load import (
     LoadReport,
     SaveReport,
     convert_checkpoint,

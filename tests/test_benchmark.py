@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pvt_backbone import pvt_v2_b0
-from pvt_backbone.benchmark import (
+from benchmarks.harness import (
     BenchmarkSettings,
     Case,
     Measurement,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pvt_backbone.data import (
+from pvt_backbone.training.data import (
     CocoDetection,
     DataError,
     SegmentationFolder,
@@ -20,8 +20,8 @@ from pvt_backbone.data import (
     SyntheticShapes,
     render_scene,
 )
-from pvt_backbone.data.errors import short_message
-from pvt_backbone.data.transforms import (
+from pvt_backbone.training.data.errors import short_message
+from pvt_backbone.training.data.transforms import (
     AugmentedDetection,
     ResumableSampler,
     hflip_detection,
@@ -300,6 +300,6 @@ def test_sampler_resumes_mid_stream_and_shards_ranks() -> None:
 def test_short_message_strips_worker_traceback() -> None:
     wrapped = DataError(
         "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1\npvt_backbone.data.errors.DataError: img/a.png: cannot read image (bad)\n'
+        '  File "x.py", line 1\npvt_backbone.training.data.errors.DataError: img/a.png: cannot read image (bad)\n'
     )
     assert short_message(wrapped) == "img/a.png: cannot read image (bad)"

@@ -28,7 +28,7 @@ from pvt_backbone.detection import (
     retinanet_pvt_v2_fpn,
     trainable_to_frozen_stages,
 )
-from pvt_backbone.layouts import CheckpointError
+from pvt_backbone.weights.layouts import CheckpointError
 from pvt_backbone.segmentation import semantic_fpn_pvt_v2
 
 NUM_CLASSES = 3

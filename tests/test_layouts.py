@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config, build_classifier
-from pvt_backbone.layouts import (
+from pvt_backbone.weights.layouts import (
     LAYOUTS,
     CheckpointError,
     convert,

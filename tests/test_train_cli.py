@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pvt_backbone.data import SyntheticConfig, SyntheticSegmentation, SyntheticShapes, write_coco, write_mask_folder
-from pvt_backbone.engine.distributed import parameter_digest
-from pvt_backbone.engine.inference import load_trained
-from pvt_backbone.engine.tasks import DataSpec
-from pvt_backbone.engine.trainer import TrainConfig, read_log, train
+from pvt_backbone.training.data import SyntheticConfig, SyntheticSegmentation, SyntheticShapes, write_coco, write_mask_folder
+from pvt_backbone.training.distributed import parameter_digest
+from pvt_backbone.training.inference import load_trained
+from pvt_backbone.training.tasks import DataSpec
+from pvt_backbone.training.trainer import TrainConfig, read_log, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Light R-CNN settings so a step takes a fraction of a second on a CPU.
@@ -46,7 +46,7 @@ def _tool(name: str):
 
 
 def _run_tool(name: str, argv: list[str]) -> int:
-    from pvt_backbone.engine.cli import run_cli
+    from pvt_backbone.cli.common import run_cli
 
     return run_cli(_tool(name).main, [str(a) for a in argv])
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import pvt_backbone.weights as weights_module
+import pvt_backbone.weights.load as weights_module
 from pvt_backbone import (
     VARIANTS,
     CheckpointError,
@@ -28,7 +28,7 @@ from pvt_backbone import (
     read_checkpoint,
     save_weights,
 )
-from pvt_backbone.layouts import LAYOUTS
+from pvt_backbone.weights.layouts import LAYOUTS
 
 TINY = PVTv2Config(embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4))
 

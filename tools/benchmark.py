@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pvt_backbone.benchmark import (
+from benchmarks.harness import (
     DTYPES,
     MODES,
     TASKS,

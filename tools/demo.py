@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
-from pvt_backbone.engine.checkpoint import atomic_write
-from pvt_backbone.engine.cli import run_cli
-from pvt_backbone.engine.inference import draw, predict
-from pvt_backbone.engine.tasks import DataSpec, build_datasets
-from pvt_backbone.engine.trainer import TrainConfig, train
+from pvt_backbone.training.checkpoint import atomic_write
+from pvt_backbone.cli.common import run_cli
+from pvt_backbone.training.inference import draw, predict
+from pvt_backbone.training.tasks import DataSpec, build_datasets
+from pvt_backbone.training.trainer import TrainConfig, train
 
 # The recipe, tuned to train in a few minutes on 2 CPU cores (see README "Training"). From random weights the
 # budget is optimizer steps: small images and a narrow FPN buy many of them.

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pvt_backbone.data import load_image
-from pvt_backbone.engine.checkpoint import atomic_write
-from pvt_backbone.engine.cli import run_cli
-from pvt_backbone.engine.distributed import setup_distributed
-from pvt_backbone.engine.inference import SegmentationMap, draw, find_images, load_trained, predict
+from pvt_backbone.training.data import load_image
+from pvt_backbone.training.checkpoint import atomic_write
+from pvt_backbone.cli.common import run_cli
+from pvt_backbone.training.distributed import setup_distributed
+from pvt_backbone.training.inference import SegmentationMap, draw, find_images, load_trained, predict
 
 
 def build_parser() -> argparse.ArgumentParser:

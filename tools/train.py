@@ -21,15 +21,15 @@ import sys
 from collections.abc import Sequence
 
 from pvt_backbone.config import VARIANTS
-from pvt_backbone.engine.cli import (
+from pvt_backbone.cli.common import (
     add_data_arguments,
     add_model_arguments,
     data_spec_from_args,
     parse_model_args,
     run_cli,
 )
-from pvt_backbone.engine.tasks import HEAD_NORMS
-from pvt_backbone.engine.trainer import TrainConfig, train
+from pvt_backbone.training.tasks import HEAD_NORMS
+from pvt_backbone.training.trainer import TrainConfig, train
 
 
 def build_parser() -> argparse.ArgumentParser:

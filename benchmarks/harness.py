@@ -317,8 +317,8 @@ def count_gflop(build: Callable[[], nn.Module], case: Case, task: str) -> float:
 
 # -- the run --------------------------------------------------------------------------------------------------------
 def _build_pair(variant: str, device: torch.device, compare_timm: bool, seed: int) -> dict[str, nn.Module]:
-    from . import classifier
-    from .weights import load_weights
+    from pvt_backbone import classifier
+    from pvt_backbone.weights import load_weights
 
     torch.manual_seed(seed)
     ours = getattr(classifier, f"pvt_v2_{variant}")()
@@ -363,7 +363,7 @@ def run_benchmark(settings: BenchmarkSettings, *, log: Callable[[str], None] = p
     )
     log(f"machine: {report.machine}; fp32 matmul peak {peak:.1f} GFLOP/s")
     models = _build_pair(settings.variant, device, settings.compare_timm, settings.seed)
-    from . import classifier
+    from pvt_backbone import classifier
 
     build = getattr(classifier, f"pvt_v2_{settings.variant}")
     torch.manual_seed(settings.seed)
@@ -452,7 +452,7 @@ def _measure_onnx(
         return
     import tempfile
 
-    from .export import export_onnx, onnxruntime_session
+    from pvt_backbone.export import export_onnx, onnxruntime_session
 
     if settings.variant == "b2_li":
         report.notes.append("ONNX: skipped for b2_li (adaptive pooling needs one fixed size per export)")
@@ -527,7 +527,7 @@ def checkpointing_step(
     variant: str, case: Case, *, enabled: bool, iterations: int, device: str, num_threads: int, seed: int
 ) -> tuple[float, list[float]]:
     """Peak memory (MiB, see :class:`PeakMemory`) and times (s) of our classifier's training step in this process."""
-    from . import classifier
+    from pvt_backbone import classifier
 
     torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
@@ -553,7 +553,7 @@ def _current_memory_mib(device: torch.device) -> float:
 def _measure_detector(report: Report, settings: BenchmarkSettings, device: torch.device, log: Callable) -> None:
     """Faster R-CNN + FPN at 800x1333: our backbone vs torchvision's ResNet-50, random weights, eval, batch 1."""
     try:
-        from .detection import fasterrcnn_pvt_v2_fpn
+        from pvt_backbone.detection import fasterrcnn_pvt_v2_fpn
     except ImportError:
         report.notes.append("detector: skipped (pvt_backbone.detection not available)")
         return

@@ -19,7 +19,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from heads import group_norm
 
-from ..data import (
+from .data import (
     CocoDetection,
     SegmentationFolder,
     SyntheticConfig,

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..data.errors import short_message
-from .tasks import DATASETS, MODEL_TASK, TASKS, DataSpec
+from ..training.data.errors import short_message
+from ..training.tasks import DATASETS, MODEL_TASK, TASKS, DataSpec
 
 __all__ = ["add_data_arguments", "data_spec_from_args", "parse_model_args", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPT"]
 

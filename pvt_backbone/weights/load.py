@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import VARIANTS
+from ..config import VARIANTS
 from .layouts import (
     LAYOUTS,
     NATIVE,
@@ -578,7 +578,7 @@ def _write_safetensors(
     source: WeightsSource | LoadReport | Checkpoint | None,
     variant: str | None = None,
 ) -> SaveReport:
-    from . import __version__  # the package is fully imported by the time anything is saved
+    from .. import __version__  # the package is fully imported by the time anything is saved
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -675,7 +675,7 @@ class CheckpointInfo:
 
 def _check_variant(native: Mapping[str, Tensor], variant: str, architecture: Architecture) -> None:
     """Raise unless every native tensor has exactly the key and shape our ``variant`` model has."""
-    from .backbone import PVTv2Backbone  # local import: backbone.py imports this module
+    from ..backbone import PVTv2Backbone  # local import: backbone.py imports this module
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")

@@ -45,7 +45,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from .config import NUM_STAGES, VARIANTS
+from ..config import NUM_STAGES, VARIANTS
 
 __all__ = [
     "CheckpointError",

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.transforms import (
+from .data.transforms import (
     AugmentedDetection,
     AugmentedSegmentation,
     ResumableSampler,

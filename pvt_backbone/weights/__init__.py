@@ -1,0 +1,53 @@
+"""PVTv2 weights: layout tables, reading and loading checkpoints, saving them, converting files."""
+
+from .layouts import (
+    LAYOUTS,
+    Architecture,
+    CheckpointError,
+    Conversion,
+    DroppedKey,
+    convert,
+    detect_layout,
+    from_native,
+    infer_architecture,
+    to_native,
+)
+from .load import (
+    CONVERT_TARGETS,
+    DTYPES,
+    CheckpointInfo,
+    ConvertReport,
+    LoadReport,
+    SaveReport,
+    WeightsSource,
+    convert_checkpoint,
+    inspect_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_weights,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "Architecture",
+    "CheckpointError",
+    "Conversion",
+    "DroppedKey",
+    "convert",
+    "detect_layout",
+    "from_native",
+    "infer_architecture",
+    "to_native",
+    "CONVERT_TARGETS",
+    "DTYPES",
+    "CheckpointInfo",
+    "ConvertReport",
+    "LoadReport",
+    "SaveReport",
+    "WeightsSource",
+    "convert_checkpoint",
+    "inspect_checkpoint",
+    "load_weights",
+    "read_checkpoint",
+    "save_weights",
+]
