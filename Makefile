@@ -21,4 +21,4 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check pvt_backbone heads tools tests
+	$(PY) -m ruff check pvt_backbone heads benchmarks tools tests conftest.py

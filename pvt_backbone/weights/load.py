@@ -51,6 +51,8 @@ from .layouts import (
     to_native,
     unwrap_checkpoint,
 )
+from .state_dict import SHOWN as _SHOWN
+from .state_dict import StateDictDiff, compare_state_dicts
 
 __all__ = [
     "WeightsSource",
@@ -73,7 +75,6 @@ WeightsSource = str | os.PathLike | Mapping[str, Any]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 _HUB = "hf-hub:"
-_SHOWN = 5  # offending keys listed per category in an error message
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -203,56 +204,6 @@ def read_checkpoint(source: WeightsSource, *, trust_pickle: bool = False) -> Che
     return Checkpoint(content, label, _sha256(path), metadata)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Comparing a state dict with a model
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Comparison:
-    """Differences between file tensors (already native) and the model's state dict."""
-
-    missing: tuple[str, ...]
-    unexpected: tuple[str, ...]
-    mismatched: tuple[str, ...]  # keys present on both sides with a different shape or a non-floating dtype
-    detail: dict[str, str]  # key -> "file (..) vs model (..)"
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.mismatched)
-
-    def lines(self) -> list[str]:
-        def listed(keys: tuple[str, ...], label: str, with_detail: bool = False) -> list[str]:
-            if not keys:
-                return []
-            shown = [f"{k}: {self.detail[k]}" if with_detail else k for k in keys[:_SHOWN]]
-            more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
-            return [f"  {len(keys)} {label}: " + ", ".join(shown) + more]
-
-        return (
-            listed(self.mismatched, "shape/dtype mismatch(es)", with_detail=True)
-            + listed(self.missing, "missing key(s) (in the model, not in the file)")
-            + listed(self.unexpected, "unexpected key(s) (in the file, not in the model)")
-        )
-
-
-def _compare(file_sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor], ignore: set[str]) -> _Comparison:
-    detail = {}
-    for key, tensor in file_sd.items():
-        if key not in model_sd:
-            continue
-        want = model_sd[key]
-        if tensor.shape != want.shape:
-            detail[key] = f"file {tuple(tensor.shape)} vs model {tuple(want.shape)}"
-        elif want.is_floating_point() and not tensor.is_floating_point():
-            detail[key] = f"file dtype {tensor.dtype} vs model {want.dtype}"
-    return _Comparison(
-        missing=tuple(k for k in model_sd if k not in file_sd and k not in ignore),
-        unexpected=tuple(k for k in file_sd if k not in model_sd),
-        mismatched=tuple(detail),
-        detail=detail,
-    )
-
-
 def _adapt_first_conv(weight: Tensor, channels: int) -> Tensor:
     """RGB patch-embedding weight (O, 3, k, k) -> (O, channels, k, k): sum for 1 channel, else repeat and rescale."""
     work = weight.float()
@@ -276,7 +227,7 @@ def _model_name(model: nn.Module) -> str:
 @dataclass
 class _Plan:
     state_dict: dict[str, Tensor]
-    comparison: _Comparison
+    comparison: StateDictDiff
     dropped: list[DroppedKey]
     notes: list[str]
     hints: list[str]
@@ -326,7 +277,7 @@ def _plan(file_sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor], *, fres
             notes.append(f"adapted {key} from 3 to {want.shape[1]} input channels ({how})")
 
     fresh = model_head if (model_head and fresh_head) else set()
-    comparison = _compare(state_dict, model_sd, ignore=fresh)
+    comparison = compare_state_dicts(state_dict, model_sd, ignore=fresh)
     cast = sorted(
         {
             f"{t.dtype} -> {model_sd[k].dtype}".replace("torch.", "")
@@ -686,7 +637,7 @@ def _check_variant(native: Mapping[str, Tensor], variant: str, architecture: Arc
     if head:
         expected["head.weight"] = torch.empty(architecture.num_classes, VARIANTS[variant].embed_dims[-1], device="meta")
         expected["head.bias"] = torch.empty(architecture.num_classes, device="meta")
-    comparison = _compare(native, expected, ignore=set())
+    comparison = compare_state_dicts(native, expected, ignore=set())
     if comparison:
         raise CheckpointError(
             "\n".join(
