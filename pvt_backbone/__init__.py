@@ -23,6 +23,8 @@ from .detection import (
     pvt_fpn_backbone,
     retinanet_pvt_v2_fpn,
 )
+from .optim import param_groups
+from .segmentation import PVTv2Segmenter, segmentation_loss, semantic_fpn_pvt_v2
 from .weights.layouts import (
     LAYOUTS,
     Architecture,
@@ -35,8 +37,6 @@ from .weights.layouts import (
     infer_architecture,
     to_native,
 )
-from .optim import param_groups
-from .segmentation import PVTv2Segmenter, segmentation_loss, semantic_fpn_pvt_v2
 from .weights.load import (
     LoadReport,
     SaveReport,

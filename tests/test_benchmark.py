@@ -13,7 +13,6 @@ from types import ModuleType
 import pytest
 import torch
 
-from pvt_backbone import pvt_v2_b0
 from benchmarks.harness import (
     BenchmarkSettings,
     Case,
@@ -31,6 +30,7 @@ from benchmarks.harness import (
     to_json,
     to_markdown,
 )
+from pvt_backbone import pvt_v2_b0
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,8 @@ from pvt_backbone.detection import (
     retinanet_pvt_v2_fpn,
     trainable_to_frozen_stages,
 )
-from pvt_backbone.weights.layouts import CheckpointError
 from pvt_backbone.segmentation import semantic_fpn_pvt_v2
+from pvt_backbone.weights.layouts import CheckpointError
 
 NUM_CLASSES = 3
 NUM_KEYPOINTS = 4

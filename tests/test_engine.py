@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from pvt_backbone import PVTv2Backbone
-from pvt_backbone.training.data.base import coco_from_dict
 from pvt_backbone.training import checkpoint as ckpt
+from pvt_backbone.training.data.base import coco_from_dict
 from pvt_backbone.training.evaluation import ConfusionMatrix, coco_evaluate, coco_results
 from pvt_backbone.training.tasks import DataSpec
 from pvt_backbone.training.trainer import TrainConfig, WarmupDecay, read_log, train

@@ -14,7 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pvt_backbone.training.data import SyntheticConfig, SyntheticSegmentation, SyntheticShapes, write_coco, write_mask_folder
+from pvt_backbone.training.data import (
+    SyntheticConfig,
+    SyntheticSegmentation,
+    SyntheticShapes,
+    write_coco,
+    write_mask_folder,
+)
 from pvt_backbone.training.distributed import parameter_digest
 from pvt_backbone.training.inference import load_trained
 from pvt_backbone.training.tasks import DataSpec

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
-from pvt_backbone.training.checkpoint import atomic_write
 from pvt_backbone.cli.common import run_cli
+from pvt_backbone.training.checkpoint import atomic_write
 from pvt_backbone.training.inference import draw, predict
 from pvt_backbone.training.tasks import DataSpec, build_datasets
 from pvt_backbone.training.trainer import TrainConfig, train

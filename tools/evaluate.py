@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pvt_backbone.training.checkpoint import atomic_write, resolve_checkpoint
 from pvt_backbone.cli.common import add_data_arguments, data_spec_from_args, run_cli
+from pvt_backbone.training.checkpoint import atomic_write, resolve_checkpoint
 from pvt_backbone.training.distributed import cleanup_distributed, setup_distributed
 from pvt_backbone.training.inference import load_trained
 from pvt_backbone.training.tasks import DataSpec, build_datasets, check_same_classes, evaluate

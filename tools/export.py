@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pvt_backbone import PVTv2Backbone, build_classifier
 from benchmarks.harness import parse_case
+from pvt_backbone import PVTv2Backbone, build_classifier
 from pvt_backbone.config import VARIANTS
 from pvt_backbone.export import export_onnx, export_program, save_program, verify_onnx, verify_program
 

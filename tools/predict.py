@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pvt_backbone.training.data import load_image
-from pvt_backbone.training.checkpoint import atomic_write
 from pvt_backbone.cli.common import run_cli
+from pvt_backbone.training.checkpoint import atomic_write
+from pvt_backbone.training.data import load_image
 from pvt_backbone.training.distributed import setup_distributed
 from pvt_backbone.training.inference import SegmentationMap, draw, find_images, load_trained, predict
 

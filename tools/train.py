@@ -20,7 +20,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pvt_backbone.config import VARIANTS
 from pvt_backbone.cli.common import (
     add_data_arguments,
     add_model_arguments,
@@ -28,6 +27,7 @@ from pvt_backbone.cli.common import (
     parse_model_args,
     run_cli,
 )
+from pvt_backbone.config import VARIANTS
 from pvt_backbone.training.tasks import HEAD_NORMS
 from pvt_backbone.training.trainer import TrainConfig, train
 

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
-from .data.folder import IMAGE_SUFFIXES
 from .checkpoint import Checkpoint, load_model_weights, resolve_checkpoint
+from .data.folder import IMAGE_SUFFIXES
 from .evaluation import segmentation_logits
 from .tasks import ModelSpec, build_model
 

@@ -30,13 +30,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data.transforms import (
-    AugmentedDetection,
-    AugmentedSegmentation,
-    ResumableSampler,
-    collate_detection,
-    collate_segmentation,
-)
 from .checkpoint import (
     Checkpoint,
     atomic_write,
@@ -45,6 +38,13 @@ from .checkpoint import (
     load_training_state,
     resolve_checkpoint,
     save_checkpoint,
+)
+from .data.transforms import (
+    AugmentedDetection,
+    AugmentedSegmentation,
+    ResumableSampler,
+    collate_detection,
+    collate_segmentation,
 )
 from .distributed import DistInfo, barrier, cleanup_distributed, replica_digests, setup_distributed
 from .tasks import (
