@@ -2,6 +2,6 @@
 
 from .classification import ClassificationHead
 from .fpn import FPN, P6P7Block
-from .segmentation import MLPSegHead, SemanticFPNHead, group_norm
+from .segmentation import MLPSegHead, SemanticFPNHead, group_norm, resize_bilinear
 
-__all__ = ["ClassificationHead", "FPN", "P6P7Block", "SemanticFPNHead", "MLPSegHead", "group_norm"]
+__all__ = ["ClassificationHead", "FPN", "P6P7Block", "SemanticFPNHead", "MLPSegHead", "group_norm", "resize_bilinear"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
-__all__ = ["SemanticFPNHead", "MLPSegHead", "group_norm"]
+__all__ = ["SemanticFPNHead", "MLPSegHead", "group_norm", "resize_bilinear"]
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -63,7 +63,15 @@ def _as_list(features: Mapping[str, Tensor] | Sequence[Tensor], in_channels: tup
     return maps
 
 
-def _resize(x: Tensor, size: Sequence[int] | torch.Size) -> Tensor:
+def resize_bilinear(x: Tensor, size: Sequence[int] | torch.Size) -> Tensor:
+    """(B, C, h, w) -> (B, C, H, W), bilinear with ``align_corners=False``; returns ``x`` itself when already (H, W).
+
+    Example:
+        >>> resize_bilinear(torch.zeros(1, 3, 8, 8), (16, 12)).shape
+        torch.Size([1, 3, 16, 12])
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
@@ -130,7 +138,7 @@ class SemanticFPNHead(nn.Module):
             for step, block in enumerate(blocks):
                 x = block(x)
                 if level > 0:
-                    x = _resize(x, sizes[level - 1 - step])
+                    x = resize_bilinear(x, sizes[level - 1 - step])
             fused = x if fused is None else fused + x
         assert fused is not None
         return self.classifier(self.dropout(fused))
@@ -183,7 +191,7 @@ class MLPSegHead(nn.Module):
         """Maps (B, C_i, H_i, W_i), highest resolution first -> logits (B, num_classes, H_0, W_0)."""
         maps = _as_list(features, self.in_channels)
         size = maps[0].shape[-2:]
-        projected = [proj(x) if i == 0 else _resize(proj(x), size) for i, (proj, x) in enumerate(zip(self.proj, maps))]
+        projected = [proj(x) if i == 0 else resize_bilinear(proj(x), size) for i, (proj, x) in enumerate(zip(self.proj, maps))]
         return self.classifier(self.dropout(self.fuse(torch.cat(projected, dim=1))))
 
     def extra_repr(self) -> str:

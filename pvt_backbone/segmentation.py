@@ -15,23 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads import FPN, MLPSegHead, SemanticFPNHead, group_norm
+from heads import FPN, MLPSegHead, SemanticFPNHead, group_norm, resize_bilinear
 
 from .backbone import PVTv2Backbone
 from .config import PVTv2Config, get_config
 from .detection import WeightsArg
 
-__all__ = ["PVTv2Segmenter", "semantic_fpn_pvt_v2", "segmentation_loss", "resize_logits", "IGNORE_INDEX", "SEG_HEADS"]
+__all__ = ["PVTv2Segmenter", "semantic_fpn_pvt_v2", "segmentation_loss", "IGNORE_INDEX", "SEG_HEADS"]
 
 IGNORE_INDEX = 255
 SEG_HEADS = ("fpn", "mlp")
-
-
-def resize_logits(logits: Tensor, size: Sequence[int] | torch.Size) -> Tensor:
-    """(B, K, h, w) logits -> (B, K, H, W) by bilinear interpolation with ``align_corners=False``."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -68,7 +61,7 @@ def segmentation_loss(logits: Tensor, target: Tensor, *, ignore_index: int = IGN
         raise ValueError(
             f"target holds labels {bad} outside [0, {num_classes}) that are not ignore_index={ignore_index}"
         )
-    logits = resize_logits(logits, target.shape[-2:])
+    logits = resize_bilinear(logits, target.shape[-2:])
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
 
 
@@ -113,7 +106,7 @@ class PVTv2Segmenter(nn.Module):
         logits = self.head(features)
         if return_low_res:
             return logits
-        return resize_logits(logits, images.shape[-2:])
+        return resize_bilinear(logits, images.shape[-2:])
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """``segmentation_loss`` with this model's ``ignore_index``; low-resolution logits are resized first."""
@@ -124,7 +117,7 @@ class PVTv2Segmenter(nn.Module):
         """(B, C_in, H, W) images -> (B, H', W') int64 class map: stride-4 logits are resized to ``size`` (default:
         the input size) and only then argmax'ed. Call ``model.eval()`` first (dropout)."""
         logits = self(images, return_low_res=True)
-        return resize_logits(logits, images.shape[-2:] if size is None else size).argmax(dim=1)
+        return resize_bilinear(logits, images.shape[-2:] if size is None else size).argmax(dim=1)
 
 
 def semantic_fpn_pvt_v2(

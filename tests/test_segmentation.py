@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads import MLPSegHead, SemanticFPNHead, group_norm
+from heads import MLPSegHead, SemanticFPNHead, group_norm, resize_bilinear
 from pvt_backbone import PVTv2Config
-from pvt_backbone.segmentation import PVTv2Segmenter, resize_logits, segmentation_loss, semantic_fpn_pvt_v2
+from pvt_backbone.segmentation import PVTv2Segmenter, segmentation_loss, semantic_fpn_pvt_v2
 
 CEIL_SIZES = ((17, 24), (9, 12), (5, 6), (3, 3))  # PVTv2 maps of a 67x93 image
 HEADS = {"fpn": SemanticFPNHead, "mlp": MLPSegHead}
@@ -128,7 +128,7 @@ def test_loss_ignores_255_and_resizes_low_resolution_logits() -> None:
     valid = target != 255
     expected = F.cross_entropy(full.permute(0, 2, 3, 1)[valid], target[valid])
     torch.testing.assert_close(segmentation_loss(logits, target), expected)
-    assert resize_logits(logits, (8, 10)) is logits
+    assert resize_bilinear(logits, (8, 10)) is logits
 
     ignored = torch.full((2, 32, 40), 255)
     zero = segmentation_loss(logits, ignored)
