@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import TypedDict, Unpack
 
+from . import fast_inference
 from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_config, normalize_out_indices
 from .layers import Block, OverlapPatchEmbed, init_weights
 from .weights import WeightsSource, load_weights
@@ -76,14 +77,21 @@ class PVTv2Stage(nn.Module):
         )
         self.norm = norm_layer(dim) if norm_layer is not None else nn.LayerNorm(dim, eps=config.norm_eps)
         self.grad_checkpointing = False
+        self.fast_inference = True
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, C_prev) tokens (stage 0: the embedded image) -> (B, H', W', C) normalized tokens."""
         if self.downsample is not None:
             x = self.downsample(x.permute(0, 3, 1, 2))
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        # The one place the inference path is chosen: same function, fewer allocations (see fast_inference).
+        if self.fast_inference and fast_inference.applies(self):
+            for block in self.blocks:
+                x = fast_inference.block_forward(block, x)
+        elif self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
-            else:
+        else:
+            for block in self.blocks:
                 x = block(x)
         return self.norm(x)
 
@@ -185,6 +193,11 @@ class PVTv2Trunk(nn.Module):
     @property
     def grad_checkpointing(self) -> bool:
         return all(stage.grad_checkpointing for stage in self.stages)
+
+    def set_fast_inference(self, enable: bool = True) -> None:
+        """Use :mod:`pvt_backbone.fast_inference` in eval mode without autograd (the default), or always ``forward``."""
+        for stage in self.stages:
+            stage.fast_inference = bool(enable)
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:

@@ -8,15 +8,8 @@ on the last dimension directly, and the convolutions see ``x.permute(0, 3, 1, 2)
 memory, so going between tokens and maps never copies. The stem converts the image to channels-last once, so its
 conv output is channels-last too and the first LayerNorm reads contiguous tokens.
 
-Two forward paths compute the same function (equal up to float rounding, within 1e-6 in fp32):
-
-* the autograd path: plain out-of-place ops; used for training and whenever anything traces the call
-  (``torch.compile``, ``torch.export``, ONNX export, ``torch.jit.trace``);
-* the inference path (:func:`uses_inference_path`): eval mode with autograd off (``torch.no_grad`` or
-  ``torch.inference_mode``) in eager mode. Residual adds and the MLP's GELU run in place, and on CPU the MLP runs in
-  row chunks (fc1 -> depthwise 3x3 -> GELU -> fc2 on a few token rows plus a one-row halo), so its hidden activation,
-  ``mlp_ratio`` (4-8) times wider than the tokens, stays in cache instead of being allocated at full size (large
-  fresh allocations cost a page fault per 4 KiB page on every call).
+Each module has one forward. Eval-mode inference without autograd runs the same function with fewer allocations
+through :mod:`pvt_backbone.fast_inference`, chosen by ``PVTv2Stage.forward``.
 """
 
 from __future__ import annotations
@@ -28,35 +21,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
-__all__ = ["OverlapPatchEmbed", "SpatialReductionAttention", "MlpDWConv", "Block", "uses_inference_path"]
-
-# Upper bound on the elements of one MLP hidden chunk on CPU (16 MiB in fp32): below glibc's 32 MiB ceiling for
-# serving allocations with fresh mmap pages, so chunk buffers are reused from the heap without page faults; largely
-# cache-resident between fc1, the depthwise conv, GELU and fc2; and few enough chunks that per-op thread
-# synchronisation stays negligible, also when other processes compete for the cores.
-MLP_CHUNK_ELEMENTS = 1 << 22
-
-
-def uses_inference_path(module: nn.Module) -> bool:
-    """Whether ``module`` runs its inference path now: eval mode, autograd off, eager (nothing compiling or tracing)."""
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False
-    return not (module.training or torch.is_grad_enabled())
+__all__ = [
+    "OverlapPatchEmbed",
+    "SpatialReductionAttention",
+    "MlpDWConv",
+    "Block",
+    "init_weights",
+    "to_map",
+    "to_tokens",
+]
 
 
-def _add_into(out: Tensor, other: Tensor) -> Tensor:
-    """``out + other``, written into ``out`` (a temporary the caller owns) when that keeps the result's dtype."""
-    if out.shape == other.shape and torch.result_type(out, other) == out.dtype:
-        return out.add_(other)
-    return out + other
-
-
-def _to_map(tokens: Tensor) -> Tensor:
+def to_map(tokens: Tensor) -> Tensor:
     """(B, H, W, C) tokens -> (B, C, H, W) view."""
     return tokens.permute(0, 3, 1, 2)
 
 
-def _to_tokens(feature_map: Tensor) -> Tensor:
+def to_tokens(feature_map: Tensor) -> Tensor:
     """(B, C, H, W) map -> (B, H, W, C) view."""
     return feature_map.permute(0, 2, 3, 1)
 
@@ -74,7 +55,7 @@ class OverlapPatchEmbed(nn.Module):
         # No-op for the later stages (their input is a channels-last view already); for the stem it copies the small
         # image once so the conv writes channels-last and the LayerNorm does not copy its (larger) output.
         x = x.contiguous(memory_format=torch.channels_last)
-        return self.norm(_to_tokens(self.proj(x)))
+        return self.norm(to_tokens(self.proj(x)))
 
 
 class SpatialReductionAttention(nn.Module):
@@ -114,24 +95,20 @@ class SpatialReductionAttention(nn.Module):
             self.norm = nn.LayerNorm(dim, eps=sr_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, H, W, C) normalized tokens -> (B, H, W, C) attention output (autograd path)."""
-        return self.proj_drop(self.proj(self._attend(x)))
+        """(B, H, W, C) normalized tokens -> (B, H, W, C) attention output."""
+        return self.proj_drop(self.proj(self.attend(x)))
 
-    def forward_inference(self, x: Tensor, residual: Tensor) -> Tensor:
-        """``residual + attn(x)`` without autograd, as a new tensor (neither input is written)."""
-        return _add_into(self.proj(self._attend(x)), residual)
-
-    def _attend(self, x: Tensor) -> Tensor:
+    def attend(self, x: Tensor) -> Tensor:
         """Heads' attention outputs, concatenated: (B, H, W, C), before the output projection."""
         batch, height, width, dim = x.shape
         head_dim = dim // self.num_heads
         q = self.q(x).reshape(batch, height * width, self.num_heads, head_dim).transpose(1, 2)
         kv_source = x
         if self.sr is not None and self.norm is not None:
-            reduced = _to_map(x)
+            reduced = to_map(x)
             if self.pool is not None:
                 reduced = self.pool(reduced)
-            kv_source = self.norm(_to_tokens(self.sr(reduced)))
+            kv_source = self.norm(to_tokens(self.sr(reduced)))
             if self.act is not None:
                 kv_source = self.act(kv_source)
         kv = self.kv(kv_source).reshape(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -155,74 +132,12 @@ class MlpDWConv(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, H, W, C) tokens -> (B, H, W, C) (autograd path)."""
+        """(B, H, W, C) tokens -> (B, H, W, C)."""
         x = self.fc1(x)
         if self.relu is not None:
             x = self.relu(x)
-        x = self.act(_to_tokens(self.dwconv(_to_map(x))))
+        x = self.act(to_tokens(self.dwconv(to_map(x))))
         return self.drop2(self.fc2(self.drop1(x)))
-
-    def forward_inference(self, x: Tensor, residual: Tensor) -> Tensor:
-        """``residual + mlp(x)`` without autograd; may write the sum into ``residual`` (a temporary of the caller).
-
-        On CPU, once the hidden activation of the batch exceeds ``MLP_CHUNK_ELEMENTS``, the MLP runs on groups of
-        whole images, or, for large images, on bands of rows (see ``_add_rows_``).
-        """
-        batch, height, width, _ = x.shape
-        per_image = height * width * self.fc1.out_features
-        if (
-            x.device.type != "cpu"
-            or batch * per_image <= MLP_CHUNK_ELEMENTS
-            or residual.shape != x.shape
-            or torch.is_autocast_enabled("cpu")
-        ):
-            return _add_into(self.fc2(self._hidden(x)), residual)
-        if per_image <= MLP_CHUNK_ELEMENTS:
-            step = MLP_CHUNK_ELEMENTS // per_image
-            for start in range(0, batch, step):
-                residual[start : start + step].add_(self.fc2(self._hidden(x[start : start + step])))
-            return residual
-        for index in range(batch):
-            self._add_rows_(x[index], residual[index])
-        return residual
-
-    def _hidden(self, x: Tensor) -> Tensor:
-        """fc1 -> [ReLU] -> depthwise conv -> GELU (in place): (B, H, W, C) -> (B, H, W, C_hidden)."""
-        x = self.fc1(x)
-        if self.relu is not None:
-            x = x.relu_()
-        return torch.ops.aten.gelu_(_to_tokens(self.dwconv(_to_map(x))), approximate=self.act.approximate)
-
-    def _add_rows_(self, x: Tensor, residual: Tensor) -> None:
-        """``residual += mlp(x)`` for one (H, W, C) image, a band of rows at a time, computing fc1 once per row.
-
-        ``window`` holds fc1's output for the band's rows plus one row above and below (the depthwise conv's halo;
-        zeros outside the image, i.e. the conv's padding), so the conv runs without vertical padding and yields exactly
-        the band's rows. Moving to the next band keeps the two rows it shares with the previous window.
-        """
-        height, width, dim = x.shape
-        hidden = self.fc1.out_features
-        rows = max(2, MLP_CHUNK_ELEMENTS // (width * hidden))  # >= 2, so the carried rows never overlap their source
-        window = x.new_empty(rows + 2, width, hidden)
-        for start in range(0, height, rows):
-            stop = min(start + rows, height)
-            if start == 0:
-                window[0].zero_()
-                first = 0  # window row 1 <-> image row 0
-            else:
-                window[:2].copy_(window[rows : rows + 2])  # image rows start - 1 and start
-                first = start + 1
-            last = min(stop + 1, height)
-            fresh = window[first - start + 1 : last - start + 1]
-            torch.addmm(self.fc1.bias, x[first:last].reshape(-1, dim), self.fc1.weight.t(), out=fresh.view(-1, hidden))
-            if self.relu is not None:
-                fresh.relu_()
-            if stop == height:
-                window[stop - start + 1].zero_()
-            band = _to_map(window[None, : stop - start + 2])  # (1, C_h, rows + 2, W), channels-last
-            band = F.conv2d(band, self.dwconv.weight, self.dwconv.bias, padding=(0, 1), groups=hidden)
-            band = torch.ops.aten.gelu_(_to_tokens(band)[0], approximate=self.act.approximate)
-            residual[start:stop].add_(self.fc2(band))
 
 
 class Block(nn.Module):
@@ -264,9 +179,6 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) tokens -> (B, H, W, C) tokens; never writes ``x``."""
-        if uses_inference_path(self):
-            x = self.attn.forward_inference(self.norm1(x), residual=x)  # a new tensor, so the MLP may write into it
-            return self.mlp.forward_inference(self.norm2(x), residual=x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 

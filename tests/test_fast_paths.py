@@ -7,9 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+import pvt_backbone.fast_inference as fast_inference
 import pvt_backbone.layers as layers
 from pvt_backbone import PVTv2Backbone, PVTv2Config, build_classifier
-from pvt_backbone.layers import Block, uses_inference_path
+from pvt_backbone.fast_inference import applies, block_forward
+from pvt_backbone.layers import Block
 
 
 def _both_paths(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
@@ -41,7 +43,7 @@ def _random_biases(model: torch.nn.Module) -> None:
 def test_inference_path_equals_autograd_path(
     tiny_config: PVTv2Config, linear: bool, shape: tuple[int, ...], chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(layers, "MLP_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(fast_inference, "MLP_CHUNK_ELEMENTS", chunk)
     model = PVTv2Backbone(dataclasses.replace(tiny_config, linear=linear))
     _random_biases(model)
     x = torch.randn(*shape)
@@ -58,7 +60,7 @@ def test_mlp_inference_path_at_every_border(
     linear: bool, chunk: int, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fc1's bias meets the depthwise conv's zero padding at the borders: 1-pixel-wide/high maps, bands, corners."""
-    monkeypatch.setattr(layers, "MLP_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(fast_inference, "MLP_CHUNK_ELEMENTS", chunk)
     mlp = layers.MlpDWConv(8, 16, linear=linear, drop=0.0).eval()
     with torch.no_grad():
         for parameter in mlp.parameters():
@@ -66,13 +68,13 @@ def test_mlp_inference_path_at_every_border(
     x, residual = torch.randn(*shape), torch.randn(*shape)
     expected = residual + mlp(x)
     with torch.inference_mode():
-        result = mlp.forward_inference(x, residual.clone())
+        result = fast_inference._mlp_residual(mlp, x, residual.clone())
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_row_bands_on_b0_widths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real widths (hidden 256 in stage 0) with the default budget lowered so 2-row bands and a halo carry happen."""
-    monkeypatch.setattr(layers, "MLP_CHUNK_ELEMENTS", 2 * 20 * 256)
+    monkeypatch.setattr(fast_inference, "MLP_CHUNK_ELEMENTS", 2 * 20 * 256)
     model = PVTv2Backbone.b0(out_indices=(0, 1))
     reference, fast = _both_paths(model, torch.randn(1, 3, 77, 80))
     for key in reference:
@@ -83,24 +85,24 @@ def test_inference_path_switch(tiny_config: PVTv2Config) -> None:
     block = PVTv2Backbone(tiny_config).stages[0].blocks[0]
     block.eval()
     with torch.no_grad():
-        assert uses_inference_path(block)
+        assert applies(block)
     with torch.inference_mode():
-        assert uses_inference_path(block)
-    assert not uses_inference_path(block)  # autograd on
+        assert applies(block)
+    assert not applies(block)  # autograd on
     block.train()
     with torch.no_grad():
-        assert not uses_inference_path(block)  # dropout / drop path may be active
+        assert not applies(block)  # dropout / drop path may be active
 
 
 def test_inference_path_never_writes_its_input(tiny_config: PVTv2Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layers, "MLP_CHUNK_ELEMENTS", 1 << 10)
+    monkeypatch.setattr(fast_inference, "MLP_CHUNK_ELEMENTS", 1 << 10)
     model = PVTv2Backbone(tiny_config).eval()
     block: Block = model.stages[0].blocks[0]
     tokens = torch.randn(2, 16, 20, tiny_config.embed_dims[0])
     image = torch.randn(2, 3, 64, 80)
     tokens_before, image_before = tokens.clone(), image.clone()
     with torch.no_grad():
-        block(tokens)
+        block_forward(block, tokens)
         model(image)
     assert torch.equal(tokens, tokens_before) and torch.equal(image, image_before)
 
@@ -164,3 +166,30 @@ def test_no_activation_copies_in_inference_forward(tiny_config: PVTv2Config) -> 
     assert all(shape in weight_shapes for shape in clones), clones
     names = {e.name for e in profile.events()}
     assert "aten::gelu_" in names and "aten::gelu" not in names  # the MLP's GELU runs in place
+
+
+def test_stage_is_the_one_switch(tiny_config: PVTv2Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eval + no_grad takes the inference path unless switched off; training and autograd never take it."""
+    calls: list[int] = []
+    original = fast_inference.block_forward
+
+    def counting(block: Block, x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return original(block, x)
+
+    monkeypatch.setattr(fast_inference, "block_forward", counting)
+    model = PVTv2Backbone(tiny_config).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == sum(tiny_config.depths)
+    calls.clear()
+    model.set_fast_inference(False)
+    with torch.no_grad():
+        model(x)
+    model.set_fast_inference(True)
+    model(x)  # autograd on
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert calls == []
