@@ -24,6 +24,7 @@ from .detection import (
     retinanet_pvt_v2_fpn,
 )
 from .optim import param_groups
+from .registry import create_model, list_models
 from .segmentation import PVTv2Segmenter, segmentation_loss, semantic_fpn_pvt_v2
 from .weights.layouts import (
     LAYOUTS,
@@ -93,5 +94,7 @@ __all__ = [
     "semantic_fpn_pvt_v2",
     "segmentation_loss",
     "param_groups",
+    "list_models",
+    "create_model",
     "__version__",
 ]
