@@ -2,47 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-from benchmarks.harness import (
-    BenchmarkSettings,
-    Case,
-    Measurement,
-    PeakMemory,
-    Report,
-    check_same_outputs,
-    matmul_peak_gflops,
-    parse_case,
-    plot_throughput,
-    run_benchmark,
-    settings_from,
-    summarize_targets,
-    time_interleaved,
-    to_json,
-    to_markdown,
-)
+from benchmarks import cli as benchmark_cli
+from benchmarks.harness import BenchmarkSettings, Report, check_same_outputs, run_benchmark, settings_from
+from benchmarks.measure import Case, Measurement, PeakMemory, matmul_peak_gflops, parse_case, time_interleaved
+from benchmarks.report import plot_throughput, to_json, to_markdown
+from benchmarks.targets import summarize_targets
 from pvt_backbone import pvt_v2_b0
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def _load_cli() -> ModuleType:
-    """tools/benchmark.py as a module (tools/ is not a package), loaded once."""
-    spec = importlib.util.spec_from_file_location("benchmark_cli", ROOT / "tools" / "benchmark.py")
-    assert spec is not None and spec.loader is not None
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
 
 
 @pytest.mark.parametrize(("text", "case"), [("512x512:1", Case(512, 512, 1)), (" 224x96 ", Case(224, 96, 1))])
@@ -169,7 +144,7 @@ def test_markdown_speedup_and_peak_fraction() -> None:
 )
 def test_cli_rejects_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        _load_cli().main(argv)
+        benchmark_cli.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -180,6 +155,16 @@ def test_cli_error_is_one_line_without_traceback() -> None:
     )
     assert result.returncode == 2
     assert "HEIGHTxWIDTH" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_device_error_exits_1_with_one_line() -> None:
+    """A library error (no CUDA here, or a CUDA device that does not exist) is one line and status 1, not 2."""
+    argv = ["--device", "cuda:99", "--no-timm", "--no-onnx", "--no-detector", "--no-checkpointing", "--sizes", "64x64"]
+    script = str(ROOT / "tools" / "benchmark.py")
+    result = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,130 +1,14 @@
-"""Benchmark our PVTv2 against timm's pvt_v2 (same weights), ONNX Runtime and a Faster R-CNN pair; see --help.
+#!/usr/bin/env python
+"""Benchmark our PVTv2 against timm's pvt_v2 (same weights), ONNX Runtime and a Faster R-CNN pair: ``pvt-benchmark``.
 
 Quick run:  python tools/benchmark.py --sizes 224x224:1 --tasks inference --dtypes fp32 --iterations 3 --no-detector
 Full run:   python tools/benchmark.py --json runs/bench.json --markdown runs/bench.md --plot tools/throughput.png
 """
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import os
 import sys
-import tempfile
-from pathlib import Path
 
-from benchmarks.harness import (
-    DTYPES,
-    MODES,
-    TASKS,
-    BenchmarkSettings,
-    parse_case,
-    plot_throughput,
-    run_benchmark,
-    summarize_targets,
-    threads,
-    to_json,
-    to_markdown,
-)
-from pvt_backbone.config import VARIANTS
-
-
-def _choices(text: str, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(
-            f"{name} must be a comma-separated subset of {','.join(allowed)}, got {text!r}"
-        )
-    return values
-
-
-def _cases(text: str) -> tuple:
-    try:
-        return tuple(parse_case(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _write(path: str, text: str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, target)
-
-
-def main(argv: list[str] | None = None) -> int:
-    defaults = BenchmarkSettings()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default=defaults.variant, choices=sorted(VARIANTS))
-    parser.add_argument("--sizes", type=_cases, default=defaults.cases, help="HxW[:batch],... (default: %(default)s)")
-    parser.add_argument(
-        "--train-sizes", type=_cases, default=None, help="cases for the training step (default: --sizes)"
-    )
-    parser.add_argument("--tasks", type=lambda t: _choices(t, TASKS, "--tasks"), default=defaults.tasks)
-    parser.add_argument("--dtypes", type=lambda t: _choices(t, DTYPES, "--dtypes"), default=defaults.dtypes)
-    parser.add_argument("--modes", type=lambda t: _choices(t, MODES, "--modes"), default=defaults.modes)
-    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="timed runs per implementation")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--no-timm", action="store_true", help="time only our model")
-    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
-    parser.add_argument("--no-detector", action="store_true", help="skip the Faster R-CNN comparison")
-    parser.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing memory rows")
-    parser.add_argument("--checkpointing-size", type=parse_case, default=defaults.checkpointing_case)
-    parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on CPUs without bf16 kernels (slow)")
-    parser.add_argument("--json", help="write the full report as JSON here")
-    parser.add_argument("--markdown", help="write the Markdown table here")
-    parser.add_argument("--plot", help="write a throughput-vs-resolution PNG here (needs matplotlib: the bench extra)")
-    args = parser.parse_args(argv)
-    if args.iterations < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        parser.error("--iterations and --threads must be >= 1, --warmup >= 0")
-    settings = dataclasses.replace(
-        defaults,
-        variant=args.variant,
-        cases=args.sizes,
-        train_cases=args.train_sizes,
-        tasks=args.tasks,
-        dtypes=args.dtypes,
-        modes=args.modes,
-        iterations=args.iterations,
-        warmup=args.warmup,
-        device=args.device,
-        compare_timm=not args.no_timm,
-        onnx=not args.no_onnx,
-        detector=not args.no_detector,
-        checkpointing=not args.no_checkpointing,
-        checkpointing_case=args.checkpointing_size,
-        force_bf16=args.force_bf16,
-    )
-    if settings.compare_timm:
-        try:
-            import timm  # noqa: F401
-        except ImportError:
-            print("benchmark: timm is not installed; pass --no-timm to time our model alone", file=sys.stderr)
-            return 2
-    try:
-        with threads(args.threads):
-            report = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (ValueError, AssertionError) as error:
-        print(f"benchmark: {error}", file=sys.stderr)
-        return 1
-    table = to_markdown(report)
-    print(table)
-    for line in summarize_targets(report):
-        print(line)
-    if args.json:
-        _write(args.json, to_json(report))
-    if args.markdown:
-        _write(args.markdown, table)
-    if args.plot:
-        written = plot_throughput(report, args.plot)
-        print(f"plot: {written}" if written else "plot: skipped (matplotlib missing or no fp32 eager batch-1 rows)")
-    return 0
-
+from benchmarks.cli import main
+from pvt_backbone.cli.runner import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

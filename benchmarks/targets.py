@@ -1,0 +1,44 @@
+"""This project's performance targets, checked against a measured report (they are not library code)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .harness import Report
+
+__all__ = ["summarize_targets"]
+
+
+def summarize_targets(report: Report, cases: Sequence[str] = ("512x512 b1", "800x1333 b1", "224x224 b8")) -> list[str]:
+    """The project's performance targets as lines of text, computed from the report (no claim without a measurement)."""
+    lines = []
+    index = {(m.impl, m.task, m.dtype, m.mode, m.case): m for m in report.measurements}
+    for case in cases:
+        ours, timm = (
+            index.get(("ours", "inference", "fp32", "eager", case)),
+            index.get(("timm", "inference", "fp32", "eager", case)),
+        )
+        if ours and timm and ours.median_s and timm.median_s:
+            lines.append(f"fp32 inference {case}: {timm.median_s / ours.median_s:.2f}x timm (target >= 1.3x)")
+    for case in cases:
+        ours_bf16, timm = (
+            index.get(("ours", "inference", "bf16", "eager", case)),
+            index.get(("timm", "inference", "fp32", "eager", case)),
+        )
+        if ours_bf16 and timm and ours_bf16.median_s and timm.median_s:
+            lines.append(f"bf16 inference {case}: {timm.median_s / ours_bf16.median_s:.2f}x timm fp32 (target >= 2x)")
+    ours, timm = (
+        index.get(("ours", "train", "fp32", "eager", "512x512 b1")),
+        index.get(("timm", "train", "fp32", "eager", "512x512 b1")),
+    )
+    if ours and timm and ours.median_s and timm.median_s:
+        lines.append(f"training step 512x512 b1: {timm.median_s / ours.median_s:.2f}x timm (target >= 1.15x)")
+    plain = [m for m in report.measurements if m.mode == "no checkpointing"]
+    checkpointed = [m for m in report.measurements if m.mode == "checkpointing"]
+    if plain and checkpointed and plain[0].peak_memory_mib and checkpointed[0].peak_memory_mib:
+        ratio = checkpointed[0].peak_memory_mib / plain[0].peak_memory_mib
+        lines.append(
+            f"training step {plain[0].case} with grad checkpointing: peak memory {checkpointed[0].peak_memory_mib:.0f} "
+            f"vs {plain[0].peak_memory_mib:.0f} MiB without ({ratio:.2f}x; target <= 0.5x)"
+        )
+    return lines
