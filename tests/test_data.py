@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from heads import resize_bilinear
+from pvt_backbone.cli.runner import one_line
 from pvt_backbone.training.data import (
     CocoDetection,
     DataError,
@@ -20,12 +22,13 @@ from pvt_backbone.training.data import (
     SyntheticShapes,
     render_scene,
 )
-from pvt_backbone.training.data.errors import short_message
 from pvt_backbone.training.data.transforms import (
     AugmentedDetection,
+    AugmentedSegmentation,
     ResumableSampler,
     hflip_detection,
     keypoint_flip_permutation,
+    resize_segmentation,
 )
 
 SMALL = SyntheticConfig(image_size=64, num_classes=4, min_objects=0, max_objects=4)
@@ -88,6 +91,18 @@ def test_synthetic_config_rejects_bad_values() -> None:
         SyntheticConfig(image_size=16)
     with pytest.raises(ValueError, match="split must be one of"):
         SyntheticShapes("test")
+    with pytest.raises(ValueError, match=r"max_objects must be an int >= 3, got 2"):
+        SyntheticConfig(min_objects=3, max_objects=2)
+    with pytest.raises(ValueError, match=r"min_scale must be a finite number in \[0.05, 0.9\], got 0.01"):
+        SyntheticConfig(min_scale=0.01)
+    with pytest.raises(ValueError, match=r"max_scale must be a finite number in \[0.3, 0.9\], got 0.25"):
+        SyntheticConfig(min_scale=0.3, max_scale=0.25)
+    with pytest.raises(ValueError, match="clutter must be an int >= 0, got -1"):
+        SyntheticConfig(clutter=-1)
+    with pytest.raises(TypeError, match=r"image_size must be an int >= 32, got True \(bool\)"):
+        SyntheticConfig(image_size=True)
+    with pytest.raises(ValueError, match="num_images must be an int >= 1, got 0"):
+        SyntheticSegmentation("val", num_images=0)
 
 
 # -- COCO ------------------------------------------------------------------------------------------------------------
@@ -253,6 +268,28 @@ def test_folder_bad_data_names_file_and_problem(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(DataError, match="empty: empty dataset"):
         SegmentationFolder(empty, empty)
+    with pytest.raises(DataError, match=r"nowhere: image folder not found"):
+        SegmentationFolder(tmp_path / "nowhere", empty)
+    with pytest.raises(DataError, match=r"nowhere: mask folder not found"):
+        SegmentationFolder(empty, tmp_path / "nowhere")
+
+
+def test_folder_missing_masks_are_listed_and_class_settings_checked(tmp_path: Path) -> None:
+    good = np.zeros((10, 20), dtype=np.uint8)
+    image_dir, mask_dir = _folder(tmp_path, {"a": "none", "b": good, "c": "none"})
+    with pytest.raises(DataError, match=r"a\.png: mask file not found; 2 images have no mask: .*a\.png.*c\.png"):
+        SegmentationFolder(image_dir, mask_dir)
+    for name in "abc":
+        Image.fromarray(np.full((10, 20), 255, dtype=np.uint8)).save(mask_dir / f"{name}.png")
+    with pytest.raises(DataError, match=r"mask: every mask is all-ignore \(255\); pass num_classes explicitly"):
+        SegmentationFolder(image_dir, mask_dir)
+    assert SegmentationFolder(image_dir, mask_dir, num_classes=2, class_names=("bg", "fg")).classes == ("bg", "fg")
+    with pytest.raises(ValueError, match="class_names has 1 names for 2 classes"):
+        SegmentationFolder(image_dir, mask_dir, num_classes=2, class_names=("bg",))
+    with pytest.raises(ValueError, match=r"num_classes must be an int in \[1, 255\], got 256"):
+        SegmentationFolder(image_dir, mask_dir, num_classes=256)
+    with pytest.raises(TypeError, match=r"num_classes must be an int in \[1, 255\], got True \(bool\)"):
+        SegmentationFolder(image_dir, mask_dir, num_classes=True)
 
 
 # -- augmentation and sampling ---------------------------------------------------------------------------------------
@@ -276,6 +313,24 @@ def test_hflip_moves_boxes_masks_and_swaps_left_right_keypoints() -> None:
     assert out["keypoints"][0, :, 0].tolist() == [8.0, 8.5, 8.0, 7.5]  # new right = old left mirrored
 
 
+def test_resize_segmentation_is_bilinear_for_images_and_nearest_for_masks() -> None:
+    image = torch.rand(3, 20, 30)
+    mask = torch.randint(0, 3, (20, 30))
+    mask[0, 0] = 255
+    resized, resized_mask = resize_segmentation(image, mask, 40)
+    assert torch.equal(resized, resize_bilinear(image[None], (40, 40))[0])
+    assert resized_mask.shape == (40, 40) and resized_mask.dtype == torch.int64
+    assert set(resized_mask.unique().tolist()) <= set(mask.unique().tolist())  # no blended class ids
+    assert resized_mask[0, 0] == 255
+    assert resize_segmentation(image, None, 16)[1] is None
+    view = AugmentedSegmentation(SyntheticSegmentation("val", num_images=1, config=SMALL), size=32)
+    assert [t.shape for t in view[(0, 1)]] == [(3, 32, 32), (32, 32)]
+    with pytest.raises(ValueError, match=r"flip must be a finite number in \[0.0, 1.0\], got 1.5"):
+        AugmentedSegmentation(view.dataset, size=32, flip=1.5)
+    with pytest.raises(ValueError, match="size must be an int >= 1, got 0"):
+        AugmentedSegmentation(view.dataset, size=0)
+
+
 def test_augmentation_is_a_function_of_the_key() -> None:
     view = AugmentedDetection(SyntheticShapes("train", num_images=4, config=SMALL))
     for seed in range(6):
@@ -295,11 +350,15 @@ def test_sampler_resumes_mid_stream_and_shards_ranks() -> None:
     assert sorted(i for i, _ in full[:10]) == list(range(10)) and full[:10] != full[10:20]
     ranks = [take(ResumableSampler(10, rank=r, world_size=2, seed=3), 5) for r in range(2)]
     assert sorted(i for part in ranks for i, _ in part) == list(range(10))
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 1\], got 2"):
+        ResumableSampler(10, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="start must be an int >= 0, got -1"):
+        ResumableSampler(10, start=-1)
 
 
-def test_short_message_strips_worker_traceback() -> None:
+def test_worker_errors_shorten_to_the_data_error_message() -> None:
     wrapped = DataError(
         "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
         '  File "x.py", line 1\npvt_backbone.training.data.errors.DataError: img/a.png: cannot read image (bad)\n'
     )
-    assert short_message(wrapped) == "img/a.png: cannot read image (bad)"
+    assert one_line(wrapped) == "img/a.png: cannot read image (bad)"

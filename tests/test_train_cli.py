@@ -1,5 +1,6 @@
-"""The CLIs end to end on tiny settings: a 2-process torchrun run with gloo on loopback, evaluate and predict on its
-checkpoint, COCO-format and mask-folder datasets, and short error messages instead of tracebacks."""
+"""The commands end to end on tiny settings: a 2-process torchrun run with gloo on loopback, evaluate and predict on
+its checkpoint, COCO-format and mask-folder datasets, and the error contract: one short line and exit 1 for errors,
+exit 2 for usage errors, 130 for Ctrl-C."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from pvt_backbone.cli import evaluate as evaluate_cli
+from pvt_backbone.cli import predict as predict_cli
+from pvt_backbone.cli import train as train_cli
+from pvt_backbone.cli.runner import run_command
 from pvt_backbone.training.data import (
     SyntheticConfig,
     SyntheticSegmentation,
@@ -22,7 +27,8 @@ from pvt_backbone.training.data import (
     write_mask_folder,
 )
 from pvt_backbone.training.distributed import parameter_digest
-from pvt_backbone.training.inference import load_trained
+from pvt_backbone.training.evaluation import ConfusionMatrix, coco_results, evaluate_detection
+from pvt_backbone.training.inference import load_trained, predict
 from pvt_backbone.training.tasks import DataSpec
 from pvt_backbone.training.trainer import TrainConfig, read_log, train
 
@@ -44,6 +50,9 @@ TINY_DATA = "--image-size 64 --train-size 8 --val-size 2 --workers 0 --no-progre
 SHAPES3 = ("circle", "square", "triangle")
 
 
+COMMANDS = {"train": train_cli, "evaluate": evaluate_cli, "predict": predict_cli}
+
+
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -51,10 +60,12 @@ def _tool(name: str):
     return module
 
 
-def _run_tool(name: str, argv: list[str]) -> int:
-    from pvt_backbone.cli.common import run_cli
-
-    return run_cli(_tool(name).main, [str(a) for a in argv])
+def _run_tool(name: str, argv: list) -> int:
+    """The command's exit status, as ``sys.exit(run_command(main))`` would give it (argparse exits by itself)."""
+    try:
+        return run_command(COMMANDS[name].main, [str(a) for a in argv])
+    except SystemExit as exit:
+        return exit.code
 
 
 def _first_eval(run: Path) -> dict:
@@ -177,27 +188,87 @@ def test_amp_step_is_finite(tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast leaves the weights fp32
 
 
+# (command, arguments, message, exit status): 1 for errors, 2 for command lines argparse cannot reject itself.
 CLI_ERRORS = [
-    ("train", "--dataset coco --train-images nowhere --train-annotations x.json", "nowhere: image folder not found"),
-    ("train", "--dataset folder --task detection", "dataset 'folder' serves segmentation only"),
-    ("train", "--task segmentation --model fasterrcnn", "model 'fasterrcnn' does not do task 'segmentation'"),
-    ("train", "--dataset coco", "dataset 'coco' needs --train-images and --train-annotations"),
-    ("train", "--resume", "nothing to resume"),
-    ("train", "--output-dir {run}", "already holds a run with checkpoints; pass --resume"),
-    ("evaluate", "--checkpoint {tmp}/missing", "missing: no such file or directory"),
-    ("predict", "--checkpoint {run} --input {tmp}/*.jpg --output-dir {tmp}/p", "no image matches it"),
+    ("train", "--dataset coco --train-images nowhere --train-annotations x.json", "nowhere: image folder not found", 1),
+    ("train", "--dataset folder --task detection", "dataset 'folder' serves segmentation only", 2),
+    ("train", "--dataset coco --task segmentation", "dataset 'coco' serves detection, instance and keypoints", 2),
+    ("train", "--task segmentation --model fasterrcnn", "model 'fasterrcnn' does not do task 'segmentation'", 2),
+    ("train", "--dataset coco", "dataset 'coco' needs --train-images and --train-annotations", 2),
+    ("train", "--dataset folder --task segmentation --train-images a", "dataset 'folder' needs --train-masks", 2),
+    ("train", "--dataset coco --train-images a --train-annotations b --val-images c", "needs --val-annotations", 2),
+    ("train", "--model-arg fpn_channels", "--model-arg expects KEY=VALUE with KEY a keyword name", 2),
+    ("train", "--resume", "nothing to resume", 1),
+    ("train", "--output-dir {run}", "already holds a run with checkpoints; pass --resume", 1),
+    ("evaluate", "--checkpoint {tmp}/missing", "missing: no such file or directory", 1),
+    ("evaluate", "--checkpoint {run} --dataset folder --val-masks m", "dataset 'folder' needs --val-images", 2),
+    ("predict", "--checkpoint {run} --input {tmp}/*.jpg --output-dir {tmp}/p", "no image matches it", 1),
+    ("predict", "--checkpoint {run} --input x --output-dir p --score-threshold 1.5", "--score-threshold must lie", 2),
 ]
 
 
-@pytest.mark.parametrize(("tool", "args", "message"), CLI_ERRORS, ids=[m for _, _, m in CLI_ERRORS])
-def test_cli_errors_are_one_short_line(tool: str, args: str, message: str, tmp_path: Path, ddp_run: Path, capsys):
+@pytest.mark.parametrize(("tool", "args", "message", "code"), CLI_ERRORS, ids=[m for _, _, m, _ in CLI_ERRORS])
+def test_cli_errors_are_one_short_line(
+    tool: str, args: str, message: str, code: int, tmp_path: Path, ddp_run: Path, capsys
+) -> None:
     argv = args.format(tmp=tmp_path, run=ddp_run).split()
     if tool == "train":
         argv = ["--max-steps", "1", *argv] + ([] if "--output-dir" in argv else ["--output-dir", str(tmp_path / "r")])
-    code = _run_tool(tool, argv)
+    status = _run_tool(tool, argv)
     err = capsys.readouterr().err
-    assert code == 2 and message in err and "Traceback" not in err
+    assert status == code and message in err and "Traceback" not in err
     assert err.startswith(f"{Path(sys.argv[0]).name}: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_argparse_errors_exit_2_with_usage(tmp_path: Path, capsys) -> None:
+    assert _run_tool("train", ["--max-steps", "1", "--epochs", "1", "--output-dir", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and "error: argument --epochs: not allowed with argument --max-steps" in err
+    assert _run_tool("evaluate", []) == 2
+    assert "the following arguments are required: --checkpoint" in capsys.readouterr().err
+    assert _run_tool("predict", ["--checkpoint", "x", "--input", "y", "--output-dir", "z", "--device", "tpu"]) == 2
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def interrupted(config: TrainConfig) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "train", interrupted)
+    assert _run_tool("train", ["--max-steps", "1", "--output-dir", tmp_path / "r"]) == 130
+    assert capsys.readouterr().err.strip().endswith(": interrupted")
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_scripts_and_entry_points_run_the_same_command(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    assert _tool(name).main is COMMANDS[name].main  # tools/<name>.py is a shim over pvt_backbone.cli.<name>
+    assert f"pvt-{name} " in COMMANDS[name].build_parser().format_help()  # the epilog shows the command's usage
+    monkeypatch.setattr(sys, "argv", [f"pvt-{name}", "--checkpoint", str(tmp_path / "gone")])
+    if name == "train":
+        sys.argv[1:] = ["--max-steps", "1", "--output-dir", str(tmp_path), "--dataset", "coco"]
+    elif name == "predict":
+        sys.argv += ["--input", str(tmp_path), "--output-dir", str(tmp_path / "p")]
+    with pytest.raises(SystemExit) as exited:
+        COMMANDS[name].run()  # the [project.scripts] target
+    err = capsys.readouterr().err
+    assert exited.value.code in (1, 2) and err.startswith(f"pvt-{name}: error: ") and len(err.splitlines()) == 1
+
+
+def test_library_checks_name_parameters_not_flags(ddp_run: Path) -> None:
+    model, spec = load_trained(ddp_run)
+    image = torch.rand(3, 32, 32)
+    with pytest.raises(ValueError, match=r"^score_threshold must be a finite number in \[0.0, 1.0\], got 1.5$"):
+        predict(model, spec, image, score_threshold=1.5)
+    with pytest.raises(ValueError, match=r"^batch_size must be an int >= 1, got 0$"):
+        evaluate_detection(model, SyntheticShapes("val", num_images=1), batch_size=0)
+    with pytest.raises(ValueError, match=r"^num_classes must be an int >= 1, got 0$"):
+        ConfusionMatrix(0)
+    with pytest.raises(TypeError, match=r"^num_classes must be an int >= 1, got True"):
+        ConfusionMatrix(True)
+    with pytest.raises(ValueError, match=r"^mask_threshold must be a finite number in \[0.0, 1.0\], got nan$"):
+        coco_results([], [], [1], mask_threshold=float("nan"))
 
 
 def test_cli_error_from_a_real_process_has_no_traceback(tmp_path: Path) -> None:
@@ -207,5 +278,5 @@ def test_cli_error_from_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", "coco", "--train-images"]
     command += [str(tmp_path / "img"), "--train-annotations", str(bad), "--max-steps", "1", "--output-dir", "out"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"train.py: error: {bad}: empty dataset: 'images' lists no image"

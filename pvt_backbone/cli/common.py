@@ -1,30 +1,44 @@
-"""What the three CLIs share: the dataset flags, ``--model-arg KEY=VALUE`` parsing, and the error wrapper that turns
-any failure into one short line on stderr and a non-zero exit (``PVT_DEBUG=1`` shows the traceback instead)."""
+"""What ``pvt-train``, ``pvt-evaluate`` and ``pvt-predict`` share: the model and dataset flags, ``--model-arg
+KEY=VALUE`` parsing, and the checks of flag combinations argparse cannot express (each a
+:class:`~pvt_backbone.cli.runner.UsageError`, exit status 2)."""
 
 from __future__ import annotations
 
 import argparse
 import ast
-import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from ..training.data.errors import short_message
 from ..training.tasks import DATASETS, MODEL_TASK, TASKS, DataSpec
+from .runner import UsageError
 
-__all__ = ["add_data_arguments", "data_spec_from_args", "parse_model_args", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPT"]
+__all__ = [
+    "DATASET_FLAGS",
+    "DEVICES",
+    "add_model_arguments",
+    "add_data_arguments",
+    "data_spec_from_args",
+    "check_data_arguments",
+    "check_dataset_task",
+    "parse_model_args",
+]
 
-EXIT_ERROR = 2
-EXIT_INTERRUPT = 130
+# The path flags each file-based dataset needs, per split: (images, labels).
+DATASET_FLAGS = {
+    "coco": ("images", "annotations"),
+    "folder": ("images", "masks"),
+}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--task`` and ``--model`` (either may be left out; the other fills it in)."""
     parser.add_argument("--task", choices=list(TASKS), help="default: the model's task, or detection")
     parser.add_argument("--model", choices=list(MODEL_TASK), help="default: the task's first model (fasterrcnn, ...)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, train: bool = True) -> None:
+    """The ``data`` flag group; ``train=False`` leaves out the training-split flags."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset",
@@ -55,6 +69,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, train: bool = True) -
 
 
 def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
+    """The :class:`DataSpec` the flags of :func:`add_data_arguments` describe."""
     return DataSpec(
         kind=args.dataset,
         train_images=getattr(args, "train_images", None),
@@ -72,36 +87,75 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     )
 
 
+def _split_flags(kind: str, split: str) -> tuple[str, ...]:
+    return tuple(f"{split}_{what}" for what in DATASET_FLAGS[kind])
+
+
+def _missing(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) is None]
+
+
+def check_data_arguments(args: argparse.Namespace, *, train: bool, require_val: bool = False) -> None:
+    """Raise :class:`UsageError` when a file-based ``--dataset`` lacks the path flags it needs.
+
+    Training needs both training paths; validation paths are optional unless ``require_val``, but one without the
+    other is an error. Synthetic data needs no paths.
+
+    Example:
+        >>> args = argparse.Namespace(dataset="coco", train_images="img", train_annotations=None)
+        >>> check_data_arguments(args, train=True)
+        Traceback (most recent call last):
+        ...
+        pvt_backbone.cli.runner.UsageError: dataset 'coco' needs --train-annotations
+    """
+    kind = args.dataset
+    if kind not in DATASET_FLAGS:
+        return
+    splits = [("train", True)] if train else []
+    splits.append(("val", require_val or any(getattr(args, name, None) for name in _split_flags(kind, "val"))))
+    for split, needed in splits:
+        missing = _missing(args, _split_flags(kind, split)) if needed else []
+        if missing:
+            raise UsageError(f"dataset {kind!r} needs {' and '.join(missing)}")
+
+
+def check_dataset_task(kind: str, task: str) -> None:
+    """Raise :class:`UsageError` when ``--dataset`` cannot serve ``task``: ``coco`` has no semantic masks, ``folder``
+    has nothing but semantic masks.
+
+    Example:
+        >>> check_dataset_task("coco", "instance")
+        >>> check_dataset_task("folder", "detection")
+        Traceback (most recent call last):
+        ...
+        pvt_backbone.cli.runner.UsageError: dataset 'folder' serves segmentation only, not 'detection'; for boxes \
+use --dataset coco
+    """
+    if kind == "coco" and task == "segmentation":
+        raise UsageError(
+            "dataset 'coco' serves detection, instance and keypoints; for segmentation use --dataset folder"
+        )
+    if kind == "folder" and task != "segmentation":
+        raise UsageError(f"dataset 'folder' serves segmentation only, not {task!r}; for boxes use --dataset coco")
+
+
 def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
     """``["fpn_channels=128", "box_score_thresh=0.3"]`` -> ``{"fpn_channels": 128, "box_score_thresh": 0.3}``.
 
-    Values are Python literals (numbers, booleans, tuples, strings); anything else stays a string.
+    Values are Python literals (numbers, booleans, tuples, strings); anything else stays a string. A malformed item
+    is a :class:`UsageError`.
+
+    Example:
+        >>> parse_model_args(["fpn_channels=128", "anchor_sizes=((32,), (64,))", "name=wide"])
+        {'fpn_channels': 128, 'anchor_sizes': ((32,), (64,)), 'name': 'wide'}
     """
     options: dict[str, Any] = {}
     for item in items or ():
         key, sep, raw = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--model-arg expects KEY=VALUE with KEY a keyword name, got {item!r}")
+            raise UsageError(f"--model-arg expects KEY=VALUE with KEY a keyword name, got {item!r}")
         try:
             options[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             options[key] = raw
     return options
-
-
-def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; report failures as ``<prog>: error: <message>`` with exit code 2, Ctrl-C with 130."""
-    prog = os.path.basename(sys.argv[0]) or "pvt_backbone"
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPT
-    except Exception as error:  # noqa: BLE001 - a CLI reports, it does not crash
-        if os.environ.get("PVT_DEBUG"):
-            raise
-        message = short_message(error).strip() or type(error).__name__
-        if not isinstance(error, (ValueError, TypeError, FileNotFoundError, FileExistsError)):
-            message = f"{type(error).__name__}: {message}"
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR

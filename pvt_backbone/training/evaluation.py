@@ -5,9 +5,12 @@ dataset's COCO ground truth. Under ``torch.distributed`` each rank runs its shar
 gathered before scoring, so every rank returns the same numbers.
 
 Example:
-    >>> metrics = evaluate_detection(model, SyntheticShapes("val", num_images=32), iou_types=("bbox",))
-    >>> sorted(metrics)[:3]
-    ['bbox_mAP', 'bbox_mAP50', 'bbox_mAP75']
+    >>> from pvt_backbone.training.data import SyntheticConfig, SyntheticShapes
+    >>> model = fasterrcnn_pvt_v2_fpn("b0", num_classes=4, min_size=64, max_size=64, fpn_channels=32)
+    >>> scenes = SyntheticShapes("val", num_images=2, config=SyntheticConfig(image_size=64))
+    >>> metrics = evaluate_detection(model, scenes, iou_types=("bbox",))
+    >>> sorted(metrics)[:3], all(-1.0 <= value <= 1.0 for value in metrics.values())
+    (['bbox_mAP', 'bbox_mAP50', 'bbox_mAP75'], True)
 """
 
 from __future__ import annotations
@@ -20,14 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
+from heads import resize_bilinear
+
+from ..amp import autocast
+from ..checks import check_float, check_int
+from ..detection import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "COCO_STAT_NAMES",
+    "KEYPOINT_STAT_NAMES",
+    "DEFAULT_KEYPOINT_SIGMA",
     "coco_results",
     "coco_evaluate",
     "evaluate_detection",
@@ -36,10 +46,6 @@ __all__ = [
     "segmentation_logits",
     "normalize_images",
 ]
-
-# The detectors normalise inside (GeneralizedRCNNTransform); the segmenters take normalised images.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Names of COCOeval.stats[0:6] (the AP half of its summary), per IoU type.
 COCO_STAT_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large")
@@ -68,6 +74,7 @@ def coco_results(
         ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` per detection, plus ``"segmentation"``
         (compressed RLE, counts as str) and ``"keypoints"`` (3K floats) when present.
     """
+    check_float("mask_threshold", mask_threshold, minimum=0.0, maximum=1.0)
     results: list[dict[str, Any]] = []
     for output, image_id in zip(outputs, image_ids):
         boxes = output["boxes"].detach().float().cpu()
@@ -193,8 +200,10 @@ def evaluate_detection(
     """Run a torchvision detector over a ``DetectionDataset`` and score it with ``COCOeval``.
 
     The model is put in eval mode and restored afterwards. Under ``torch.distributed`` every rank evaluates images
-    ``rank::world_size`` and all ranks return the same metrics.
+    ``rank::world_size`` and all ranks return the same metrics. ``amp`` runs the forward passes under
+    :func:`pvt_backbone.amp.autocast`; the outputs are cast back to float32 before scoring.
     """
+    check_int("batch_size", batch_size, minimum=1)
     model = _unwrap(model)
     was_training = model.training
     model.eval()
@@ -211,7 +220,7 @@ def evaluate_detection(
         for batch in batches:
             samples = [dataset[i] for i in batch]
             images = [image.to(device) for image, _ in samples]
-            with _autocast(device, amp):
+            with autocast(device, enabled=amp):
                 outputs = model(images)
             outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
             ids = [target["image_id"] for _, target in samples]
@@ -234,13 +243,6 @@ def _broadcast(value: dict[str, float]) -> dict[str, float]:
     return box[0]
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 # -- segmentation --------------------------------------------------------------------------------------------------
 class ConfusionMatrix:
     """Pixel counts ``matrix[true, predicted]`` over ``num_classes`` classes; ``ignore_index`` pixels are skipped.
@@ -252,8 +254,8 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, *, ignore_index: int = 255) -> None:
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        self.num_classes = check_int("num_classes", num_classes, minimum=1)
+        self.ignore_index = check_int("ignore_index", ignore_index)
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
@@ -292,7 +294,14 @@ class ConfusionMatrix:
 
 
 def normalize_images(images: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> ImageNet-normalised, as the PVTv2 backbone was pretrained."""
+    """(B, 3, H, W) RGB in [0, 1] -> ImageNet-normalised, as the PVTv2 backbone was pretrained.
+
+    The detectors normalise inside (``GeneralizedRCNNTransform``); the segmenters take normalised images.
+
+    Example:
+        >>> normalize_images(torch.full((1, 3, 1, 1), 0.485))[0, 0].item()
+        0.0
+    """
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images - mean) / std
@@ -300,13 +309,20 @@ def normalize_images(images: Tensor) -> Tensor:
 
 def segmentation_logits(model: nn.Module, image: Tensor, *, size: int | None) -> Tensor:
     """(B, 3, H, W) images in [0, 1] -> (B, num_classes, H, W) logits: the model sees the normalised image resized
-    to ``size`` x ``size`` (if given), and its logits are resized back bilinearly before any argmax."""
+    to ``size`` x ``size`` (if given), and its logits are resized back bilinearly before any argmax.
+
+    Example:
+        >>> model = semantic_fpn_pvt_v2("b0", num_classes=3, head="mlp").eval()
+        >>> with torch.no_grad():
+        ...     segmentation_logits(model, torch.rand(1, 3, 50, 70), size=64).shape
+        torch.Size([1, 3, 50, 70])
+    """
     height, width = image.shape[-2:]
     if size is not None:
-        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+        image = resize_bilinear(image, (size, size))
     logits = model(normalize_images(image))
     if logits.shape[-2:] != (height, width):
-        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        logits = resize_bilinear(logits.float(), (height, width))
     return logits
 
 
@@ -324,6 +340,8 @@ def evaluate_segmentation(
 
     Images go through the model one at a time (sizes may differ), resized to ``size`` x ``size`` when given.
     """
+    if size is not None:
+        check_int("size", size, minimum=1)
     model = _unwrap(model)
     was_training = model.training
     model.eval()
@@ -338,7 +356,7 @@ def evaluate_segmentation(
     try:
         for index in indices:
             image, mask = dataset[index]
-            with _autocast(device, amp):
+            with autocast(device, enabled=amp):
                 logits = segmentation_logits(model, image[None].to(device), size=size)
             matrix.update(logits.argmax(1)[0].cpu(), mask)
     finally:

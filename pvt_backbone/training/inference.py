@@ -3,9 +3,22 @@
 Drawing uses ``torchvision.utils.draw_bounding_boxes``, ``draw_segmentation_masks`` and ``draw_keypoints``.
 
 Example:
-    >>> model, spec = load_trained("runs/demo")
-    >>> prediction = predict(model, spec, load_image("street.jpg"), score_threshold=0.5)
-    >>> picture = draw(load_image("street.jpg"), prediction)  # (3, H, W) uint8
+    A one-step segmentation run on synthetic scenes, then its checkpoint used on a validation scene:
+
+    >>> from pvt_backbone.training import DataSpec, TrainConfig, train
+    >>> from pvt_backbone.training.data import SyntheticConfig, SyntheticSegmentation
+    >>> data = DataSpec(image_size=64, train_size=1, val_size=1)
+    >>> config = TrainConfig(output_dir="run", model="segformer_head", variant="b0", data=data, max_steps=1,
+    ...                      batch_size=1, eval=False, workers=0, progress=False, device="cpu")
+    >>> result = train(config)
+    >>> model, spec = load_trained("run")
+    >>> image, _ = SyntheticSegmentation("val", num_images=1, config=SyntheticConfig(image_size=64))[0]
+    >>> prediction = predict(model, spec, image)
+    >>> prediction.classes.shape, prediction.names
+    (torch.Size([64, 64]), ('background', 'circle', 'square', 'triangle'))
+    >>> picture = draw(image, prediction)
+    >>> picture.shape, picture.dtype
+    (torch.Size([3, 64, 64]), torch.uint8)
 """
 
 from __future__ import annotations
@@ -19,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
-from .checkpoint import Checkpoint, load_model_weights, resolve_checkpoint
+from ..checks import check_float
+from .checkpoint import load_model_weights, resolve_checkpoint
 from .data.folder import IMAGE_SUFFIXES
 from .evaluation import segmentation_logits
 from .tasks import ModelSpec, build_model
@@ -93,12 +107,12 @@ class SegmentationMap:
 
 def load_trained(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
     """The eval-mode model of a run directory, checkpoint directory or ``model.safetensors`` with its ``run.json``."""
-    checkpoint: Checkpoint = resolve_checkpoint(path)
+    checkpoint = resolve_checkpoint(path)
     info = checkpoint.run_info()
     if "model" not in info:
         raise FileNotFoundError(
-            f"{checkpoint.run}: not found or has no model description; evaluate and predict need the run.json that "
-            "tools/train.py writes next to model.safetensors"
+            f"{checkpoint.run}: not found or has no model description; a trained model needs the run.json that "
+            "training writes next to model.safetensors"
         )
     spec = ModelSpec.from_dict(info["model"])
     model = build_model(spec)
@@ -109,6 +123,7 @@ def load_trained(path: str | Path, *, device: torch.device | str = "cpu") -> tup
 @torch.no_grad()
 def predict(model: nn.Module, spec: ModelSpec, image: Tensor, *, score_threshold: float = 0.5) -> Any:
     """One (3, H, W) image in [0, 1] -> ``Detections`` (scores >= ``score_threshold``) or ``SegmentationMap``."""
+    check_float("score_threshold", score_threshold, minimum=0.0, maximum=1.0)
     device = next(model.parameters()).device
     if spec.task == "segmentation":
         logits = segmentation_logits(model, image[None].to(device), size=spec.image_size)

@@ -26,7 +26,13 @@ IGNORE_INDEX = 255
 
 
 def coco_from_dict(dataset: dict[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` index over an in-memory instances dict (its progress prints are silenced)."""
+    """A pycocotools ``COCO`` index over an in-memory instances dict (its progress prints are silenced).
+
+    Example:
+        >>> coco = coco_from_dict({"images": [{"id": 1}], "annotations": [], "categories": [{"id": 3, "name": "cat"}]})
+        >>> coco.getImgIds(), coco.loadCats(3)[0]["name"]
+        ([1], 'cat')
+    """
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -71,6 +77,7 @@ class SegmentationDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
+        """Class ids a segmenter predicts: ``0 .. num_classes - 1`` (``ignore_index`` excluded)."""
         return len(self.classes)
 
     def image_name(self, index: int) -> str:  # pragma: no cover - abstract

@@ -9,8 +9,13 @@ COCO category ids may be sparse (1..90); labels are their rank (1..K) and ``cate
 Crowd annotations (``iscrowd=1``) are left out of the training targets and kept in the ground truth for COCOeval.
 
 Example:
-    >>> data = CocoDetection("data/images", "data/instances.json", masks=True)
+    >>> from pvt_backbone.training.data import SyntheticConfig, SyntheticShapes, write_coco
+    >>> scenes = SyntheticShapes("val", num_images=2, config=SyntheticConfig(image_size=64))
+    >>> write_coco(scenes, "images", "instances.json")
+    >>> data = CocoDetection("images", "instances.json", masks=True)
     >>> image, target = data[0]  # image (3, H, W) in [0, 1]; target boxes (N, 4) xyxy, labels (N,), masks (N, H, W)
+    >>> image.shape, target["boxes"].shape[1], target["masks"].shape[1:], data.categories
+    (torch.Size([3, 64, 64]), 4, torch.Size([64, 64]), ('circle', 'square', 'triangle'))
 """
 
 from __future__ import annotations
@@ -36,7 +41,15 @@ _SHOWN = 5  # how many offenders an error message lists
 
 
 def load_image(path: str | Path) -> Tensor:
-    """Read an image file as a float (3, H, W) RGB tensor in [0, 1]; ``DataError`` if it is missing or unreadable."""
+    """Read an image file as a float (3, H, W) RGB tensor in [0, 1]; ``DataError`` if it is missing or unreadable.
+
+    Example:
+        >>> from PIL import Image
+        >>> Image.new("RGB", (5, 3), (255, 0, 0)).save("red.png")
+        >>> image = load_image("red.png")
+        >>> image.shape, image[:, 0, 0].tolist()
+        (torch.Size([3, 3, 5]), [1.0, 0.0, 0.0])
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "image file not found")

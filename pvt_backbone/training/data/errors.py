@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DataError", "short_message"]
+__all__ = ["DataError"]
 
 
 class DataError(ValueError):
@@ -12,6 +12,11 @@ class DataError(ValueError):
 
     The message starts with the offending path, e.g. ``"data/ann.json: annotation id 7 refers to unknown
     image_id 12"``. ``DataError(message)`` with one argument is accepted too (DataLoader workers re-raise that way).
+
+    Example:
+        >>> error = DataError("data/ann.json", "no categories")
+        >>> str(error), error.path, error.problem
+        ('data/ann.json: no categories', 'data/ann.json', 'no categories')
     """
 
     def __init__(self, path: str | Path, problem: str | None = None) -> None:
@@ -19,15 +24,3 @@ class DataError(ValueError):
         super().__init__(message)
         self.path = str(path) if problem is not None else None
         self.problem = problem
-
-
-def short_message(error: BaseException) -> str:
-    """The error's message without the worker traceback a DataLoader adds when it re-raises in the main process."""
-    text = str(error)
-    if "Original Traceback" in text:
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        last = lines[-1]
-        # "pvt_backbone.data.errors.DataError: <message>" -> "<message>"
-        head, sep, tail = last.partition(": ")
-        return tail if sep and " " not in head else last
-    return text

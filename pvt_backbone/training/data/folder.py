@@ -6,12 +6,18 @@ image without a mask, an unreadable image or mask, a colour mask, a mask whose s
 class id outside ``[0, num_classes)`` other than 255.
 
 Example:
-    >>> data = SegmentationFolder("data/images", "data/masks", num_classes=3)
+    >>> from pvt_backbone.training.data import SyntheticConfig, SyntheticSegmentation, write_mask_folder
+    >>> scenes = SyntheticSegmentation("val", num_images=2, config=SyntheticConfig(image_size=64))
+    >>> write_mask_folder(scenes, "images", "masks")
+    >>> data = SegmentationFolder("images", "masks", num_classes=4)
     >>> image, mask = data[0]  # (3, H, W) float in [0, 1]; (H, W) int64 class ids, 255 = ignore
+    >>> len(data), image.shape, mask.shape, mask.dtype, data.classes[:2]
+    (2, torch.Size([3, 64, 64]), torch.Size([64, 64]), torch.int64, ('class_0', 'class_1'))
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ...checks import check_int
 from .base import IGNORE_INDEX, SegmentationDataset
-from .coco import _listing, load_image
+from .coco import _image_size, _listing, load_image
 from .errors import DataError
 
 __all__ = ["SegmentationFolder", "IMAGE_SUFFIXES", "load_mask"]
@@ -45,14 +52,51 @@ def load_mask(path: str | Path) -> np.ndarray:
         raise DataError(path, f"cannot read mask ({error})") from None
 
 
+def _pair_files(image_dir: Path, mask_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The images of ``image_dir`` and the ``<stem>.png`` mask of each; ``DataError`` when any is missing."""
+    for folder, what in ((image_dir, "image folder"), (mask_dir, "mask folder")):
+        if not folder.is_dir():
+            raise DataError(folder, f"{what} not found")
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(image_dir, f"empty dataset: no images with suffix {', '.join(IMAGE_SUFFIXES)}")
+    masks = [mask_dir / f"{p.stem}.png" for p in images]
+    missing = [(m, f"{m} (for {p.name})") for p, m in zip(images, masks) if not m.is_file()]
+    if missing:
+        listing = _listing([text for _, text in missing])
+        raise DataError(missing[0][0], f"mask file not found; {len(missing)} images have no mask: {listing}")
+    return images, masks
+
+
+def _largest_class_id(image_path: Path, mask_path: Path, num_classes: int | None) -> int:
+    """Check one image/mask pair (readable, same size, ids below ``num_classes``); its largest id, -1 if none."""
+    mask = load_mask(mask_path)
+    width, height = _image_size(image_path)
+    if (width, height) != (mask.shape[1], mask.shape[0]):
+        raise DataError(
+            mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is {width}x{height}"
+        )
+    ids = np.unique(mask)
+    ids = ids[ids != IGNORE_INDEX]
+    if num_classes is not None:
+        bad = ids[(ids < 0) | (ids >= num_classes)]
+        if bad.size:
+            raise DataError(
+                mask_path,
+                f"class ids {bad.tolist()} outside [0, {num_classes}) "
+                f"(num_classes={num_classes}; {IGNORE_INDEX} = ignore)",
+            )
+    return int(ids.max()) if ids.size else -1
+
+
 class SegmentationFolder(SegmentationDataset):
     """Image folder + mask folder.
 
     Args:
         image_dir: images (``IMAGE_SUFFIXES``), not searched recursively.
         mask_dir: one ``<stem>.png`` per image.
-        num_classes: class count; ``None`` reads every mask once and uses the largest id + 1.
-        class_names: optional names, one per class.
+        num_classes: class count in ``[1, 255]``; ``None`` reads every mask once and uses the largest id + 1.
+        class_names: optional names, one per class (default ``class_0``, ``class_1``, ...).
     """
 
     def __init__(
@@ -61,49 +105,13 @@ class SegmentationFolder(SegmentationDataset):
         mask_dir: str | Path,
         *,
         num_classes: int | None = None,
-        class_names: tuple[str, ...] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
+        if num_classes is not None:
+            check_int("num_classes", num_classes, minimum=1, maximum=IGNORE_INDEX)
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
-        for folder, what in ((self.image_dir, "image folder"), (self.mask_dir, "mask folder")):
-            if not folder.is_dir():
-                raise DataError(folder, f"{what} not found")
-        self.images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.images:
-            raise DataError(self.image_dir, f"empty dataset: no images with suffix {', '.join(IMAGE_SUFFIXES)}")
-        self.masks = [self.mask_dir / f"{p.stem}.png" for p in self.images]
-        missing = [f"{m} (for {p.name})" for p, m in zip(self.images, self.masks) if not m.is_file()]
-        if missing:
-            raise DataError(
-                self.masks[[m.is_file() for m in self.masks].index(False)],
-                f"mask file not found; {len(missing)} images have no mask: {_listing(missing)}",
-            )
-        if num_classes is not None and (isinstance(num_classes, bool) or not 1 <= num_classes <= IGNORE_INDEX):
-            raise ValueError(f"num_classes must be an int in [1, {IGNORE_INDEX}], got {num_classes!r}")
-        largest = -1
-        for image_path, mask_path in zip(self.images, self.masks):
-            mask = load_mask(mask_path)
-            try:
-                with Image.open(image_path) as image:
-                    size = image.size
-            except (UnidentifiedImageError, OSError, ValueError) as error:
-                raise DataError(image_path, f"cannot read image ({error})") from None
-            if size != (mask.shape[1], mask.shape[0]):
-                raise DataError(
-                    mask_path,
-                    f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is {size[0]}x{size[1]}",
-                )
-            ids = np.unique(mask)
-            ids = ids[ids != IGNORE_INDEX]
-            if num_classes is not None:
-                bad = ids[(ids < 0) | (ids >= num_classes)]
-                if bad.size:
-                    raise DataError(
-                        mask_path,
-                        f"class ids {bad.tolist()} outside [0, {num_classes}) "
-                        f"(num_classes={num_classes}; {IGNORE_INDEX} = ignore)",
-                    )
-            if ids.size:
-                largest = max(largest, int(ids.max()))
+        self.images, self.masks = _pair_files(self.image_dir, self.mask_dir)
+        largest = max(_largest_class_id(image, mask, num_classes) for image, mask in zip(self.images, self.masks))
         if num_classes is None:
             if largest < 0:
                 raise DataError(self.mask_dir, "every mask is all-ignore (255); pass num_classes explicitly")

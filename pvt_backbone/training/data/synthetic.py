@@ -6,10 +6,11 @@ need: boxes, instance masks (occlusion-aware), four keypoints per object (its to
 points) and a semantic mask.
 
 Example:
+    >>> from pvt_backbone.training.data import SyntheticConfig, SyntheticShapes
     >>> data = SyntheticShapes("val", num_images=4, config=SyntheticConfig(image_size=128, num_classes=3))
     >>> image, target = data[0]
     >>> image.shape, target["boxes"].shape, target["masks"].shape, target["keypoints"].shape
-    (torch.Size([3, 128, 128]), torch.Size([2, 4]), torch.Size([2, 128, 128]), torch.Size([2, 4, 3]))
+    (torch.Size([3, 128, 128]), torch.Size([3, 4]), torch.Size([3, 128, 128]), torch.Size([3, 4, 3]))
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from ...checks import check_float, check_int
 from .base import DetectionDataset, SegmentationDataset, coco_from_dict
 
 __all__ = [
@@ -44,8 +46,8 @@ __all__ = [
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 KEYPOINT_NAMES = ("top", "right", "bottom", "left")
-TEXTURES = ("solid", "stripes", "checker", "noise")
-SPLITS = {"train": 0, "val": 1}
+_TEXTURES = ("solid", "stripes", "checker", "noise")
+_SPLITS = {"train": 0, "val": 1}  # split name -> its code in the scene seed
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,13 @@ class SyntheticConfig:
         image_size: side of the square images in pixels (>= 32).
         num_classes: how many shape classes appear, the first ``num_classes`` of ``SHAPES`` (1..6).
         min_objects / max_objects: objects per image, drawn uniformly (``min_objects=0`` allows empty images).
-        min_scale / max_scale: object diameter as a fraction of the image side.
-        clutter: distractor strokes and blobs drawn on the background.
-        seed: base seed; every scene is a function of (seed, split, index).
+        min_scale / max_scale: object diameter as a fraction of the image side, within [0.05, 0.9].
+        clutter: distractor strokes and blobs drawn on the background (>= 0).
+        seed: base seed (>= 0); every scene is a function of (seed, split, index).
+
+    Example:
+        >>> SyntheticConfig(num_classes=2).categories
+        ('circle', 'square')
     """
 
     image_size: int = 160
@@ -71,21 +77,18 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
-            raise ValueError(f"image_size must be an int >= 32, got {self.image_size!r}")
-        if not isinstance(self.num_classes, int) or not 1 <= self.num_classes <= len(SHAPES):
-            raise ValueError(
-                f"num_classes must be an int in [1, {len(SHAPES)}] ({', '.join(SHAPES)}), got {self.num_classes!r}"
-            )
-        if not 0 <= self.min_objects <= self.max_objects:
-            raise ValueError(f"need 0 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
-        if not 0.05 <= self.min_scale <= self.max_scale <= 0.9:
-            raise ValueError(f"need 0.05 <= min_scale <= max_scale <= 0.9, got {self.min_scale}, {self.max_scale}")
-        if self.clutter < 0:
-            raise ValueError(f"clutter must be >= 0, got {self.clutter}")
+        check_int("image_size", self.image_size, minimum=32)
+        check_int("num_classes", self.num_classes, minimum=1, maximum=len(SHAPES))
+        check_int("min_objects", self.min_objects, minimum=0)
+        check_int("max_objects", self.max_objects, minimum=self.min_objects)
+        check_float("min_scale", self.min_scale, minimum=0.05, maximum=0.9)
+        check_float("max_scale", self.max_scale, minimum=self.min_scale, maximum=0.9)
+        check_int("clutter", self.clutter, minimum=0)
+        check_int("seed", self.seed, minimum=0)
 
     @property
     def categories(self) -> tuple[str, ...]:
+        """The shape names of labels 1..``num_classes``."""
         return SHAPES[: self.num_classes]
 
 
@@ -102,9 +105,9 @@ class Scene:
 
 
 def _split_code(split: str) -> int:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    return SPLITS[split]
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    return _SPLITS[split]
 
 
 def _polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
@@ -161,7 +164,7 @@ def _colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
 
 def _texture(rng: np.random.Generator, size: int, base: np.ndarray) -> np.ndarray:
     """A (size, size, 3) float texture around colour ``base``: solid, stripes, checker or noise."""
-    kind = TEXTURES[rng.integers(len(TEXTURES))]
+    kind = _TEXTURES[rng.integers(len(_TEXTURES))]
     out = np.broadcast_to(base, (size, size, 3)).copy()
     if kind == "solid":
         return out
@@ -268,8 +271,7 @@ def _image_tensor(array: np.ndarray) -> Tensor:
 class _SyntheticBase:
     def __init__(self, split: str = "train", *, num_images: int = 256, config: SyntheticConfig | None = None) -> None:
         _split_code(split)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        check_int("num_images", num_images, minimum=1)
         self.split = split
         self.num_images = num_images
         self.config = config if config is not None else SyntheticConfig()

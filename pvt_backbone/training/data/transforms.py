@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from heads import resize_bilinear
+
+from ...checks import check_float, check_int
+
 __all__ = [
     "keypoint_flip_permutation",
     "hflip_detection",
@@ -41,8 +45,17 @@ def keypoint_flip_permutation(names: Sequence[str]) -> list[int]:
     return perm
 
 
-def hflip_detection(image: Tensor, target: dict[str, Any], flip_perm: Sequence[int] | None = None) -> tuple:
-    """Mirror a (3, H, W) image and its target (boxes, masks, keypoints with ``flip_perm``) left to right."""
+def hflip_detection(
+    image: Tensor, target: dict[str, Any], flip_perm: Sequence[int] | None = None
+) -> tuple[Tensor, dict[str, Any]]:
+    """Mirror a (3, H, W) image and its target (boxes (N, 4) xyxy, masks (N, H, W), keypoints (N, K, 3) reordered
+    by ``flip_perm``) left to right.
+
+    Example:
+        >>> image, target = hflip_detection(torch.zeros(3, 4, 10), {"boxes": torch.tensor([[1.0, 0.0, 3.0, 4.0]])})
+        >>> target["boxes"].tolist()
+        [[7.0, 0.0, 9.0, 4.0]]
+    """
     width = image.shape[-1]
     target = dict(target)
     boxes = target["boxes"].clone()
@@ -60,8 +73,14 @@ def hflip_detection(image: Tensor, target: dict[str, Any], flip_perm: Sequence[i
 
 
 def resize_segmentation(image: Tensor, mask: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:
-    """Resize a (3, H, W) image (bilinear) and its (H, W) mask (nearest) to ``size`` x ``size``."""
-    image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    """Resize a (3, H, W) image (bilinear) and its (H, W) mask (nearest: class ids stay ids) to ``size`` x ``size``.
+
+    Example:
+        >>> image, mask = resize_segmentation(torch.rand(3, 20, 30), torch.randint(0, 3, (20, 30)), 16)
+        >>> image.shape, mask.shape, mask.dtype, set(mask.unique().tolist()) <= {0, 1, 2}
+        (torch.Size([3, 16, 16]), torch.Size([16, 16]), torch.int64, True)
+    """
+    image = resize_bilinear(image[None], (size, size))[0]
     if mask is not None:
         mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
     return image, mask
@@ -80,7 +99,7 @@ class AugmentedDetection(Dataset):
 
     def __init__(self, dataset: Any, *, flip: float = 0.5) -> None:
         self.dataset = dataset
-        self.flip = flip
+        self.flip = check_float("flip", flip, minimum=0.0, maximum=1.0)
         names = getattr(dataset, "keypoint_names", ())
         self.flip_perm = keypoint_flip_permutation(names) if names else None
 
@@ -101,8 +120,8 @@ class AugmentedSegmentation(Dataset):
 
     def __init__(self, dataset: Any, *, size: int, flip: float = 0.5) -> None:
         self.dataset = dataset
-        self.size = size
-        self.flip = flip
+        self.size = check_int("size", size, minimum=1)
+        self.flip = check_float("flip", flip, minimum=0.0, maximum=1.0)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -126,6 +145,11 @@ class ResumableSampler(Sampler):
     """
 
     def __init__(self, size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0) -> None:
+        check_int("size", size, minimum=1)
+        check_int("world_size", world_size, minimum=1)
+        check_int("rank", rank, minimum=0, maximum=world_size - 1)
+        check_int("seed", seed, minimum=0)
+        check_int("start", start, minimum=0)
         self.base = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.seed = seed
         self.rank = rank
@@ -154,5 +178,6 @@ def collate_detection(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[list[
 
 
 def collate_segmentation(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Stack same-sized pairs: (B, 3, H, W) images and (B, H, W) masks."""
     images, masks = zip(*batch)
     return torch.stack(images), torch.stack(masks)

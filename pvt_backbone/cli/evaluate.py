@@ -1,0 +1,108 @@
+"""Evaluate a trained checkpoint: COCO mAP (bbox, segm, keypoints) for detectors, mIoU and pixel accuracy for
+segmenters.
+
+    pvt-evaluate --checkpoint runs/x                      # the run's own validation data
+    pvt-evaluate --checkpoint runs/x --dataset coco --val-images data/val --val-annotations val.json
+    pvt-evaluate --checkpoint runs/seg --dataset folder --val-images img --val-masks masks --json m.json
+
+--checkpoint takes a run directory (its latest checkpoint), a checkpoint directory or its model.safetensors.
+Under torchrun every process evaluates a shard of the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..training.checkpoint import resolve_checkpoint
+from ..training.distributed import cleanup_distributed, setup_distributed
+from ..training.inference import load_trained
+from ..training.tasks import DataSpec, ModelSpec, build_datasets, check_same_classes, evaluate
+from ..weights.io import atomic_write
+from .common import DEVICES, add_data_arguments, check_data_arguments, data_spec_from_args
+from .runner import entry_point
+
+__all__ = ["build_parser", "main", "run"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pvt-evaluate`` command line; ``--dataset`` left out means the checkpoint's own validation data."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
+    add_data_arguments(parser, train=False)
+    parser.set_defaults(dataset=None, val_size=None)
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (detectors)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on GPU, bf16 on CPU)")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _data_spec(args: argparse.Namespace, spec: ModelSpec) -> DataSpec:
+    """The flags' data, or (no ``--dataset``) the validation data of the run that wrote the checkpoint."""
+    if args.dataset is None:
+        saved = resolve_checkpoint(args.checkpoint).run_info().get("data", {})
+        return DataSpec(**{**saved, **({"val_size": args.val_size} if args.val_size is not None else {})})
+    data = data_spec_from_args(args)
+    if data.kind == "synthetic" and args.image_size is None:  # the scenes the model was trained on
+        data = DataSpec(**{**data.to_dict(), "image_size": spec.image_size})
+    return data
+
+
+def _validation_set(args: argparse.Namespace, spec: ModelSpec) -> Any:
+    data = _data_spec(args, spec)
+    _, dataset = build_datasets(data, spec.task, train=False)
+    if dataset is None:  # only a run trained without validation paths gets here: the flags' data has them
+        raise ValueError(
+            f"{args.checkpoint}: no validation data: its run had none; pass --dataset {data.kind} with --val-images "
+            f"and {'--val-annotations' if data.kind == 'coco' else '--val-masks'}"
+        )
+    check_same_classes(spec, dataset.classes if spec.task == "segmentation" else dataset.categories)
+    return dataset
+
+
+def _report(args: argparse.Namespace, spec: ModelSpec, images: int, metrics: dict[str, Any]) -> None:
+    result = {"checkpoint": str(args.checkpoint), "task": spec.task, "model": spec.model, "images": images}
+    text = json.dumps({**result, "metrics": metrics}, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(Path(args.json), lambda temp: temp.write_text(text + "\n"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pvt-evaluate``: print the metrics as JSON (rank 0 only) and optionally write them to ``--json``."""
+    args = build_parser().parse_args(argv)
+    if args.dataset is not None:
+        check_data_arguments(args, train=False, require_val=True)
+    info = setup_distributed(args.device)
+    try:
+        model, spec = load_trained(args.checkpoint, device=info.device)
+        dataset = _validation_set(args, spec)
+        metrics = evaluate(
+            model,
+            dataset,
+            spec,
+            device=info.device,
+            batch_size=args.batch_size,
+            amp=args.amp,
+            progress=info.is_main and not args.no_progress,
+        )
+    finally:
+        cleanup_distributed()
+    if info.is_main:
+        _report(args, spec, len(dataset), metrics)
+    return 0
+
+
+run = entry_point(main)
+
+if __name__ == "__main__":
+    run()

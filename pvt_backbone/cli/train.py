@@ -1,0 +1,178 @@
+r"""Train a PVTv2 detector or segmenter.
+
+One process:
+    pvt-train --dataset synthetic --model fasterrcnn --variant b0 --max-steps 300 --output-dir runs/x
+Several processes (DDP; gloo on CPU, NCCL on GPU):
+    torchrun --standalone --nproc_per_node=2 -m pvt_backbone.cli.train --dataset synthetic --model fasterrcnn \
+        --variant b0 --max-steps 300 --output-dir runs/x
+COCO-format data:
+    pvt-train --task instance --dataset coco --train-images data/train --train-annotations data/train.json \
+        --val-images data/val --val-annotations data/val.json --epochs 12 --output-dir runs/coco
+Continue a run where it stopped:
+    pvt-train ... --output-dir runs/x --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from ..config import VARIANTS
+from ..training.checkpoint import latest_checkpoint
+from ..training.tasks import HEAD_NORMS, resolve_task_model
+from ..training.trainer import TrainConfig, train
+from .common import (
+    DEVICES,
+    add_data_arguments,
+    add_model_arguments,
+    check_data_arguments,
+    check_dataset_task,
+    data_spec_from_args,
+    parse_model_args,
+)
+from .runner import UsageError, entry_point
+
+__all__ = ["build_parser", "config_from_args", "main", "run"]
+
+
+def _add_model_group(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="b2", help="PVTv2 variant (default b2)")
+    parser.add_argument("--weights-backbone", help="backbone checkpoint (any layout load_weights reads)")
+    parser.add_argument("--trainable-stages", type=int, default=4, help="backbone stages trained, from the last (4)")
+    parser.add_argument(
+        "--head-norm",
+        choices=HEAD_NORMS,
+        default="default",
+        help="norm in the neck/heads: the builder's default, BatchNorm or GroupNorm",
+    )
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra builder argument, repeatable, e.g. fpn_channels=128 box_score_thresh=0.3",
+    )
+
+
+def _add_optimizer_group(parser: argparse.ArgumentParser) -> None:
+    length = parser.add_argument_group("schedule").add_mutually_exclusive_group(required=True)
+    length.add_argument("--epochs", type=int, help="passes over the training set")
+    length.add_argument("--max-steps", type=int, help="optimizer steps")
+    opt = parser.add_argument_group("optimizer")
+    opt.add_argument("--batch-size", type=int, default=2, help="images per process and step (default 2)")
+    opt.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (default 2e-4)")
+    opt.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    opt.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone LR multiplier (default 1)")
+    opt.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of the run, at most 500)")
+    opt.add_argument("--schedule", choices=("cosine", "poly"), default="cosine", help="decay after warm-up")
+    opt.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR / peak LR (default 0.01)")
+    opt.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
+    opt.add_argument("--amp", action="store_true", help="mixed precision (fp16 on GPU, bf16 on CPU)")
+
+
+def _add_run_group(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", required=True, help="logs, loss.png and checkpoints go here")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="continue the latest checkpoint of --output-dir, or of PATH (run or checkpoint dir)",
+    )
+    run.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end only)")
+    run.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")
+    run.add_argument("--no-eval", action="store_true", help="never evaluate")
+    run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
+    run.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept (default 2)")
+    run.add_argument("--log-every", type=int, default=10, help="log a JSON line every N steps (default 10)")
+    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the heads under torchrun")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader workers per process (default 2)")
+    run.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
+    run.add_argument("--device", choices=DEVICES, default="auto", help="default: GPU if available")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pvt-train`` command line; its epilog is the usage examples above."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_group(parser)
+    add_data_arguments(parser)
+    _add_optimizer_group(parser)
+    _add_run_group(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` the parsed flags describe, one flag per field."""
+    return TrainConfig(
+        output_dir=args.output_dir,
+        task=args.task,
+        model=args.model,
+        variant=args.variant,
+        weights_backbone=args.weights_backbone,
+        trainable_stages=args.trainable_stages,
+        head_norm=args.head_norm,
+        model_options=parse_model_args(args.model_arg),
+        data=data_spec_from_args(args),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        backbone_lr_mult=args.backbone_lr_mult,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        min_lr_ratio=args.min_lr_ratio,
+        clip_grad=args.clip_grad,
+        amp=args.amp,
+        sync_bn=args.sync_bn,
+        workers=args.workers,
+        seed=args.seed,
+        device=args.device,
+        eval=not args.no_eval,
+        eval_at_start=args.eval_at_start,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+
+
+def _check_command_line(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot express (:class:`UsageError`), and a run that would be overwritten."""
+    try:
+        task, _ = resolve_task_model(args.task, args.model)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    check_dataset_task(args.dataset, task)
+    check_data_arguments(args, train=True)
+    if args.resume is False and latest_checkpoint(args.output_dir) is not None:
+        raise FileExistsError(
+            f"{args.output_dir} already holds a run with checkpoints; pass --resume to continue it, or choose "
+            "another --output-dir"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pvt-train``: train, then print where the last checkpoint went (rank 0 only)."""
+    args = build_parser().parse_args(argv)
+    _check_command_line(args)
+    result = train(config_from_args(args))
+    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
+        print(f"checkpoint: {result.checkpoint.directory} (step {result.steps}, {result.seconds:.0f} s)")
+    return 0
+
+
+run = entry_point(main)
+
+if __name__ == "__main__":
+    run()
