@@ -1,1 +1,7 @@
-"""Command-line programs: ``pvt-train``, ``pvt-evaluate``, ``pvt-predict``, ``pvt-convert``, ``pvt-export``."""
+"""Command-line programs (the top layer; ``import pvt_backbone`` never imports them).
+
+``pvt-train``, ``pvt-evaluate``, ``pvt-predict`` (need the ``[train]`` extra), ``pvt-convert``, ``pvt-export``; each
+module has ``main(argv) -> int`` and ``run``, its installed entry point. ``runner`` holds the error contract.
+"""
+
+__all__: list[str] = []

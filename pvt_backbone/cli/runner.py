@@ -11,7 +11,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["UsageError", "run_command", "entry_point", "one_line", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_INTERRUPT"]
+__all__ = [
+    "UsageError",
+    "run_command",
+    "entry_point",
+    "one_line",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPT",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
