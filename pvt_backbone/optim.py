@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .backbone import PVTv2Trunk
+from .checks import check_float
 
 __all__ = ["param_groups", "NORM_TYPES"]
 
@@ -39,9 +40,8 @@ def _backbone_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def _check_number(name: str, value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-    return float(value)
+    """A finite number ``>= 0`` (``allow_zero``) or ``> 0``: ``ValueError`` otherwise, ``TypeError`` for a bool."""
+    return check_float(name, value, minimum=0.0, inclusive=allow_zero)
 
 
 def param_groups(

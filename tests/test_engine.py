@@ -1,23 +1,29 @@
 """Engine: the COCOeval wrapper on a hand-checkable case, segmentation metrics, crash-safe checkpoints, the LR
-schedule, and exact resume."""
+schedule, the run's settings, and exact resume."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from pvt_backbone import PVTv2Backbone
 from pvt_backbone.training import checkpoint as ckpt
+from pvt_backbone.training import trainer
 from pvt_backbone.training.data.base import coco_from_dict
 from pvt_backbone.training.evaluation import ConfusionMatrix, coco_evaluate, coco_results
-from pvt_backbone.training.tasks import DataSpec
-from pvt_backbone.training.trainer import TrainConfig, WarmupDecay, read_log, train
-from pvt_backbone.weights import load_weights
+from pvt_backbone.training.schedule import LRSchedule
+from pvt_backbone.training.tasks import DataSpec, ModelSpec, build_datasets, build_model
+from pvt_backbone.training.trainer import TrainConfig, read_log, train
+from pvt_backbone.weights import CheckpointError, load_weights
+from pvt_backbone.weights.io import atomic_write
 
 
 # -- COCO evaluation -------------------------------------------------------------------------------------------------
@@ -119,7 +125,7 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def _save(root: Path, step: int, net: nn.Module, keep: int = 2) -> ckpt.Checkpoint:
+def _save(root: Path, step: int, net: nn.Module, keep: int = 2) -> ckpt.RunCheckpoint:
     return ckpt.save_checkpoint(root, step=step, model=net, state={"step": step}, run={"model": "net"}, keep=keep)
 
 
@@ -166,8 +172,16 @@ def test_checkpoint_round_trip_pointer_and_pruning(tmp_path: Path) -> None:
     for path in (tmp_path, saved.directory, saved.weights):
         assert ckpt.resolve_checkpoint(path).directory == saved.directory
     wrong = nn.Sequential(nn.Conv2d(3, 5, 3))
-    with pytest.raises(ValueError, match=r"model\.safetensors: weights do not fit this Sequential"):
+    built = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"model\.safetensors into Sequential") as error:
         ckpt.load_model_weights(wrong, saved.weights)
+    assert isinstance(error.value, ValueError) and "of the run that wrote the file (see run.json" in str(error.value)
+    assert all(torch.equal(built[k], v) for k, v in wrong.state_dict().items())  # a refused load changes nothing
+    with pytest.raises(ckpt.CheckpointNotFound, match="weights file not found"):
+        ckpt.load_model_weights(restored, tmp_path / "absent.safetensors")
+    (tmp_path / "torn.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(CheckpointError, match="cannot read safetensors file"):
+        ckpt.load_model_weights(restored, tmp_path / "torn.safetensors")
 
 
 @pytest.mark.parametrize("fail_in", ["state", "weights"])
@@ -212,7 +226,7 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write(target, fail)
+        atomic_write(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.json"]
 
 
@@ -227,13 +241,166 @@ def test_detector_checkpoint_feeds_load_weights_for_the_backbone(tmp_path: Path)
     assert _same(backbone, detector.backbone.body)
 
 
+def test_model_weights_are_labelled_as_a_whole_model(tmp_path: Path) -> None:
+    net = _net(0)
+    path = tmp_path / "model.safetensors"
+    ckpt.save_model_weights(net, path, metadata={"pvt_backbone.step": "3"})
+    with safe_open(str(path), "pt") as handle:
+        header = handle.metadata()
+    assert header["pvt_backbone.kind"] == "model" and header["pvt_backbone.model_class"] == "Sequential"
+    assert "pvt_backbone.layout" not in header and header["pvt_backbone.step"] == "3"
+
+    # A file with the older header (keys of the whole model, labelled as the native backbone layout) still loads.
+    old = tmp_path / "old.safetensors"
+    tensors = {k: v.clone() for k, v in _net(1).state_dict().items()}
+    save_file(tensors, str(old), metadata={"format": "pt", "pvt_backbone.layout": "native"})
+    restored = _net(2)
+    ckpt.load_model_weights(restored, old)
+    assert _same(restored, _net(1))
+
+
 # -- schedule and resume ---------------------------------------------------------------------------------------------
+def _factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """The LR factor of a step, written out: linear warm-up from 1e-3 to 1, then cosine or poly (power 0.9) decay
+    from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return 1e-3 + (1 - 1e-3) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else (1 - progress) ** 0.9
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def _two_groups(lr: float = 1.0) -> torch.optim.Optimizer:
+    """An optimizer with a backbone-like group at a tenth of the LR, as ``backbone_lr_mult=0.1`` makes."""
+    head, body = nn.Linear(2, 2), nn.Linear(2, 2)
+    return torch.optim.AdamW([{"params": head.parameters()}, {"params": body.parameters(), "lr": lr / 10}], lr=lr)
+
+
+def _lrs(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[list[float]]:
+    """Each group's LR at each of ``steps`` steps (read before the step, as the loop logs it)."""
+    seen = []
+    for _ in range(steps):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("total", "warmup", "kind", "min_ratio"),
+    [
+        (110, 10, "cosine", 0.1),
+        (110, 10, "poly", 0.0),
+        (300, 15, "poly", 0.01),
+        (50, 0, "cosine", 0.01),
+        (1, 1, "poly", 0.5),
+    ],
+)
+def test_schedule_lrs_follow_the_formula_at_every_step(total: int, warmup: int, kind: str, min_ratio: float) -> None:
+    optimizer = _two_groups()
+    scheduler = LRSchedule(total=total, warmup=warmup, kind=kind, min_ratio=min_ratio).scheduler(optimizer)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    for step, (head_lr, body_lr) in enumerate(_lrs(optimizer, scheduler, total + 1)):
+        expected = _factor(step, total=total, warmup=warmup, kind=kind, min_ratio=min_ratio)
+        assert head_lr == pytest.approx(expected, rel=1e-12, abs=1e-15), step
+        assert body_lr == pytest.approx(expected / 10, rel=1e-12, abs=1e-16), step  # the floor is per group
+
+
 def test_warmup_then_cosine_and_poly() -> None:
-    cosine = WarmupDecay(total=110, warmup=10, kind="cosine", min_ratio=0.1)
-    assert cosine(0) == pytest.approx(1e-3) and cosine(5) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
-    assert cosine(10) == 1.0 and cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
-    poly = WarmupDecay(total=110, warmup=10, kind="poly", min_ratio=0.0)
-    assert poly(60) == pytest.approx(0.5**0.9) and poly(110) == 0.0
+    optimizer = _two_groups()
+    cosine = [lr for lr, _ in _lrs(optimizer, LRSchedule(110, 10, "cosine", 0.1).scheduler(optimizer), 111)]
+    assert cosine[0] == pytest.approx(1e-3) and cosine[5] == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+    assert cosine[10] == 1.0 and cosine[60] == pytest.approx(0.55) and cosine[110] == pytest.approx(0.1)
+    optimizer = _two_groups()
+    poly = [lr for lr, _ in _lrs(optimizer, LRSchedule(110, 10, "poly", 0.0).scheduler(optimizer), 111)]
+    assert poly[60] == pytest.approx(0.5**0.9) and poly[110] == 0.0
+    assert LRSchedule.for_run(total=100_000, warmup_steps=None, kind="poly", min_ratio=0.0).warmup == 500
+    assert LRSchedule.for_run(total=10, warmup_steps=None, kind="poly", min_ratio=0.0).warmup == 1
+    assert LRSchedule.for_run(total=10, warmup_steps=50, kind="poly", min_ratio=0.0).warmup == 10  # capped at total
+
+
+@pytest.mark.parametrize("stop", [3, 10, 25])  # in the warm-up, at its end, in the decay
+def test_schedule_state_round_trip_continues_bit_identically(stop: int) -> None:
+    schedule = LRSchedule(total=40, warmup=10, kind="cosine", min_ratio=0.05)
+    optimizer = _two_groups(lr=2e-4)
+    reference = _lrs(optimizer, schedule.scheduler(optimizer), 40)
+    first = _two_groups(lr=2e-4)
+    scheduler = schedule.scheduler(first)
+    _lrs(first, scheduler, stop)
+    saved = {"optimizer": first.state_dict(), "scheduler": scheduler.state_dict()}
+    resumed = _two_groups(lr=2e-4)
+    scheduler = schedule.scheduler(resumed)
+    resumed.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    assert _lrs(resumed, scheduler, 40 - stop) == reference[stop:]
+
+
+def test_schedule_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="warmup must be an int in"):
+        LRSchedule(total=5, warmup=6)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        LRSchedule(total=5, warmup=1, kind="step")
+    with pytest.raises(ValueError, match="min_ratio must be a finite number in"):
+        LRSchedule(total=5, warmup=1, min_ratio=1.5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("lr", float("inf"), ValueError),
+        ("lr", 0.0, ValueError),
+        ("clip_grad", float("nan"), ValueError),
+        ("clip_grad", -1.0, ValueError),
+        ("min_lr_ratio", -1.0, ValueError),
+        ("min_lr_ratio", 1.5, ValueError),
+        ("weight_decay", float("nan"), ValueError),
+        ("backbone_lr_mult", float("inf"), ValueError),
+        ("batch_size", 0, ValueError),
+        ("batch_size", 2.0, TypeError),
+        ("max_steps", True, TypeError),
+        ("warmup_steps", -1, ValueError),
+        ("trainable_stages", 5, ValueError),
+        ("eval_every", -1, ValueError),
+        ("schedule", "step", ValueError),
+        ("head_norm", "ln", ValueError),
+        ("device", "tpu", ValueError),
+    ],
+)
+def test_config_check_names_the_bad_field(field: str, value: object, error: type[Exception]) -> None:
+    config = TrainConfig(output_dir="unused", **{"max_steps": 10, field: value})
+    with pytest.raises(error, match=rf"^{field} must be"):
+        config.check()
+
+
+def test_config_check_wants_one_length_and_compatible_norms() -> None:
+    for lengths in ({}, {"epochs": 1, "max_steps": 1}):
+        with pytest.raises(ValueError, match="give exactly one of epochs and max_steps"):
+            TrainConfig(output_dir="unused", **lengths).check()
+    with pytest.raises(ValueError, match="sync_bn synchronises BatchNorm"):
+        TrainConfig(output_dir="unused", epochs=1, sync_bn=True, head_norm="gn").check()
+    TrainConfig(output_dir="unused", epochs=1, warmup_steps=None, min_lr_ratio=1.0, clip_grad=0.0).check()
+
+
+def test_dataset_errors_name_the_parameters() -> None:
+    with pytest.raises(ValueError, match=r"^dataset 'coco' needs train_images and train_annotations$"):
+        build_datasets(DataSpec(kind="coco"), "detection")
+    with pytest.raises(ValueError, match=r"^dataset 'folder' needs train_masks$"):
+        build_datasets(DataSpec(kind="folder", train_images="images"), "segmentation")
+
+
+def test_segmenter_trainable_stages_freeze_the_first_stages() -> None:
+    spec = ModelSpec("segmentation", "semantic_fpn", "b0", 2, 64, ("a", "b"))
+    model = build_model(spec, trainable_stages=2)
+
+    def part(name: str) -> str:
+        return "patch_embed" if name.startswith("patch_embed.") else ".".join(name.split(".")[:2])
+
+    parameters = list(model.backbone.named_parameters())
+    assert {part(name) for name, p in parameters if not p.requires_grad} == {"patch_embed", "stages.0", "stages.1"}
+    assert {part(name) for name, p in parameters if p.requires_grad} == {"stages.2", "stages.3"}
+    assert all(p.requires_grad for p in model.head.parameters())
+    with pytest.raises(ValueError, match="trainable_stages must lie in"):
+        build_model(spec, trainable_stages=5)
 
 
 def _tiny_run(output_dir: Path, **overrides) -> TrainConfig:
@@ -285,3 +452,22 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
         train(_tiny_run(crashed, resume=str(crashed / "checkpoints" / "step_00000002"), batch_size=2))
     with pytest.raises(ValueError, match=r"total 4 steps.*total 8 steps.*train longer"):  # a longer schedule
         train(_tiny_run(crashed, resume=str(crashed / "checkpoints" / "step_00000002"), max_steps=8))
+    with pytest.raises(FileExistsError, match="already holds a run with checkpoints; pass resume=True to continue"):
+        train(_tiny_run(crashed))
+    state_path = crashed / "checkpoints" / "step_00000004" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["schedule"] == {"total": 4, "warmup": 1, "kind": "cosine", "min_ratio": 0.01, "warmup_start": 1e-3}
+    del state["schedule"]  # a training state without its schedule cannot be continued exactly
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match="holds no LR schedule record"):
+        train(_tiny_run(crashed, resume=True))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_parameters(tmp_path: Path, monkeypatch) -> None:
+    def nan_loss(model, task, batch, device):
+        loss = sum(p.sum() for p in model.parameters()) * float("nan")
+        return loss, {"loss_box": loss.detach()}
+
+    monkeypatch.setattr(trainer, "training_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(loss_box=nan\); lower lr, keep clip_grad"):
+        train(_tiny_run(tmp_path / "nan"))

@@ -79,11 +79,17 @@ def test_shared_parameters_appear_once_and_adamw_accepts_the_groups() -> None:
 
 def test_bad_arguments_are_rejected() -> None:
     model = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="lr must be a positive number"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0.0, got 0"):
         param_groups(model, lr=0, weight_decay=0.0)
-    with pytest.raises(ValueError, match="weight_decay must be a non-negative number"):
+    with pytest.raises(ValueError, match=r"weight_decay must be a finite number >= 0.0, got -1"):
         param_groups(model, lr=1e-3, weight_decay=-1)
-    with pytest.raises(ValueError, match="backbone_lr_mult must be a positive number"):
+    with pytest.raises(TypeError, match=r"backbone_lr_mult must be a finite number > 0.0, got True"):
         param_groups(model, lr=1e-3, weight_decay=0.0, backbone_lr_mult=True)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0.0, got inf"):
+        param_groups(model, lr=float("inf"), weight_decay=0.0)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0.0, got nan"):
+        param_groups(model, lr=1e-3, weight_decay=float("nan"))
+    groups = param_groups(model, lr=1, weight_decay=0)  # ints are numbers too, and zero decay is allowed
+    assert {g["lr"] for g in groups} == {1.0} and isinstance(groups[0]["lr"], float)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         param_groups([model], lr=1e-3, weight_decay=0.0)  # type: ignore[arg-type]

@@ -6,8 +6,8 @@ A run directory holds::
         latest.json                 {"step": 300, "name": "step_00000300"}   <- the only pointer; replaced atomically
         step_00000200/ ...          the previous checkpoint, kept until a newer one is complete
         step_00000300/
-            model.safetensors       every model tensor under its own state-dict key (our native layout)
-            state.pt                optimizer, scheduler, grad scaler, step, per-rank RNG states
+            model.safetensors       the whole model's state dict, key for key (header: pvt_backbone.kind = model)
+            state.pt                optimizer, LR schedule and scheduler, grad scaler, step, per-rank RNG states
             run.json                what rebuilds the model (task, model, variant, classes, image size)
 
 A checkpoint is first written in full into a hidden temp directory (each file itself temp-then-``os.replace``),
@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..weights.io import atomic_write
+from ..weights.layouts import CheckpointError
+from ..weights.state_dict import load_state_dict_strict
+
 __all__ = [
-    "Checkpoint",
+    "RunCheckpoint",
     "CheckpointNotFound",
-    "atomic_write",
+    "CHECKPOINT_DIR",
+    "LATEST",
+    "WEIGHTS",
+    "STATE",
+    "RUN",
+    "MODEL_KIND",
     "save_checkpoint",
     "latest_checkpoint",
     "resolve_checkpoint",
@@ -50,6 +59,7 @@ LATEST = "latest.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 RUN = "run.json"
+MODEL_KIND = "model"  # ``pvt_backbone.kind`` of a whole-model weights file (keys as in the model's state dict)
 _STEP_DIR = re.compile(r"^step_(\d{8})(?:-(\d+))?$")
 
 
@@ -58,22 +68,25 @@ class CheckpointNotFound(FileNotFoundError):
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A complete checkpoint directory and the step it was taken at."""
+class RunCheckpoint:
+    """A saved training step: a complete checkpoint directory and the step it was taken at."""
 
     directory: Path
     step: int
 
     @property
     def weights(self) -> Path:
+        """The ``model.safetensors`` file."""
         return self.directory / WEIGHTS
 
     @property
     def state(self) -> Path:
+        """The ``state.pt`` file (optimizer, scheduler, scaler, step, RNG states)."""
         return self.directory / STATE
 
     @property
     def run(self) -> Path:
+        """The ``run.json`` file."""
         return self.directory / RUN
 
     def run_info(self) -> dict[str, Any]:
@@ -81,31 +94,29 @@ class Checkpoint:
         return json.loads(self.run.read_text()) if self.run.is_file() else {}
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp)`` for a temp file next to ``path``, flush it to disk, then ``os.replace`` it onto ``path``.
-
-    If ``write`` raises (or the process dies) the temp file is removed (or left as a hidden ``.*.tmp``) and
-    ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(handle)
-    try:
-        write(Path(temp))
-        with open(temp, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write(path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def save_model_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[str, str] | None = None) -> None:
-    """Write every tensor of ``model.state_dict()`` under its own key to a safetensors file, atomically."""
+    """Write every tensor of ``model.state_dict()`` under its own key to a safetensors file, atomically.
+
+    The header metadata says what the keys are: ``pvt_backbone.kind = "model"`` and ``pvt_backbone.model_class``
+    (e.g. ``"FasterRCNN"``), then ``metadata``. A detector's or segmenter's file still feeds
+    ``load_weights(backbone, path)``, which picks out the PVTv2 tensors by their keys.
+
+    Example:
+        >>> from safetensors import safe_open
+        >>> save_model_weights(nn.Linear(2, 3), "linear.safetensors", metadata={"pvt_backbone.step": "7"})
+        >>> with safe_open("linear.safetensors", "pt") as handle:
+        ...     header = handle.metadata()
+        >>> for key in sorted(header):
+        ...     print(key, "=", header[key])
+        format = pt
+        pvt_backbone.kind = model
+        pvt_backbone.model_class = Linear
+        pvt_backbone.step = 7
+    """
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for key, tensor in model.state_dict().items():
@@ -114,14 +125,34 @@ def save_model_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[
             tensor = tensor.clone()
         seen.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
-    header = {"format": "pt", "pvt_backbone.layout": "native", **(metadata or {})}
+    header = {
+        "format": "pt",
+        "pvt_backbone.kind": MODEL_KIND,
+        "pvt_backbone.model_class": type(model).__name__,
+        **(metadata or {}),
+    }
     atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=header))
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Load a file written by ``save_model_weights`` into ``model``: every key must match in name and shape.
 
-    Raises ``ValueError`` (model untouched) on a missing, unexpected or mis-shaped key, naming the file.
+    Files of any header (``pvt_backbone.kind = "model"``, or the older ``pvt_backbone.layout = "native"``) load
+    alike: only the tensors count.
+
+    Raises:
+        CheckpointNotFound: ``path`` is not a file.
+        CheckpointError: (a ``ValueError``; the model is untouched) the file is unreadable, or a key is missing,
+            unexpected or mis-shaped; the message names the file and says how to build a model that fits.
+
+    Example:
+        >>> save_model_weights(nn.Linear(2, 3), "linear.safetensors")
+        >>> load_model_weights(nn.Linear(2, 3), "linear.safetensors")
+        >>> load_model_weights(nn.Linear(2, 4), "linear.safetensors")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pvt_backbone.weights.layouts.CheckpointError: cannot load linear.safetensors into Linear:
+        ...
     """
     path = Path(path)
     if not path.is_file():
@@ -129,42 +160,37 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: cannot read safetensors file ({error})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{label} {len(keys)} ({', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
-            if keys
-        ]
-        raise ValueError(
-            f"{path}: weights do not fit this {type(model).__name__}: {'; '.join(parts)}. Build the model with the "
-            "task, model, variant and class count of the run that wrote them (see run.json next to the file)"
-        )
-    model.load_state_dict(tensors, strict=True)
+        raise CheckpointError(f"{path}: cannot read safetensors file ({error})") from None
+    hint = (
+        f"build the model with the task, model, variant and class count of the run that wrote the file "
+        f"(see {RUN} next to it)"
+    )
+    load_state_dict_strict(model, tensors, source=str(path), hint=hint)
 
 
-def _step_dirs(root: Path) -> list[Checkpoint]:
+def _step_dirs(root: Path) -> list[RunCheckpoint]:
     found = []
     for entry in root.iterdir() if root.is_dir() else ():
         match = _STEP_DIR.match(entry.name)
         if match and entry.is_dir() and (entry / WEIGHTS).is_file() and (entry / STATE).is_file():
-            found.append(Checkpoint(entry, int(match.group(1))))
+            found.append(RunCheckpoint(entry, int(match.group(1))))
     return sorted(found, key=lambda c: (c.directory.stat().st_mtime_ns, c.step))  # oldest written first
 
 
-def latest_checkpoint(output_dir: str | Path) -> Checkpoint | None:
-    """The checkpoint ``checkpoints/latest.json`` points at, or None when the run has none yet."""
+def latest_checkpoint(output_dir: str | Path) -> RunCheckpoint | None:
+    """The checkpoint ``checkpoints/latest.json`` points at, or None when the run has none yet.
+
+    Raises:
+        ValueError: the pointer is unreadable.
+        CheckpointNotFound: it points at a checkpoint that is incomplete or gone.
+    """
     root = Path(output_dir) / CHECKPOINT_DIR
     pointer = root / LATEST
     if not pointer.is_file():
         return None
     try:
         data = json.loads(pointer.read_text())
-        checkpoint = Checkpoint(root / data["name"], int(data["step"]))
+        checkpoint = RunCheckpoint(root / data["name"], int(data["step"]))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{pointer}: unreadable checkpoint pointer ({error})") from None
     if not (checkpoint.weights.is_file() and checkpoint.state.is_file()):
@@ -172,17 +198,17 @@ def latest_checkpoint(output_dir: str | Path) -> Checkpoint | None:
     return checkpoint
 
 
-def resolve_checkpoint(path: str | Path) -> Checkpoint:
+def resolve_checkpoint(path: str | Path) -> RunCheckpoint:
     """A run directory (its latest checkpoint), a checkpoint directory, or a ``model.safetensors`` file."""
     path = Path(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: expected a .safetensors weights file, a checkpoint directory or a run directory")
         match = _STEP_DIR.match(path.parent.name)
-        return Checkpoint(path.parent, int(match.group(1)) if match else 0)
+        return RunCheckpoint(path.parent, int(match.group(1)) if match else 0)
     if (path / WEIGHTS).is_file():
         match = _STEP_DIR.match(path.name)
-        return Checkpoint(path, int(match.group(1)) if match else 0)
+        return RunCheckpoint(path, int(match.group(1)) if match else 0)
     if path.is_dir():
         checkpoint = latest_checkpoint(path)
         if checkpoint is not None:
@@ -199,7 +225,7 @@ def save_checkpoint(
     state: Mapping[str, Any],
     run: Mapping[str, Any],
     keep: int = 2,
-) -> Checkpoint:
+) -> RunCheckpoint:
     """Write the checkpoint of ``step`` under ``output_dir/checkpoints`` and point ``latest.json`` at it.
 
     Args:
@@ -232,18 +258,18 @@ def save_checkpoint(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     _write_json(root / LATEST, {"step": step, "name": name})
-    checkpoint = Checkpoint(root / name, step)
+    checkpoint = RunCheckpoint(root / name, step)
     for old in _step_dirs(root)[: -max(keep, 1)]:
         if old.directory != checkpoint.directory:
             shutil.rmtree(old.directory, ignore_errors=True)
     return checkpoint
 
 
-def load_training_state(checkpoint: Checkpoint) -> dict[str, Any]:
+def load_training_state(checkpoint: RunCheckpoint) -> dict[str, Any]:
     """The ``state.pt`` of a checkpoint (``torch.load(weights_only=True)``, on the CPU)."""
     try:
         return torch.load(checkpoint.state, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointNotFound(f"{checkpoint.state}: training state not found") from None
     except Exception as error:  # a truncated or foreign file
-        raise ValueError(f"{checkpoint.state}: cannot read training state ({error})") from None
+        raise CheckpointError(f"{checkpoint.state}: cannot read training state ({error})") from None

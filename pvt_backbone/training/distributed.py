@@ -2,6 +2,14 @@
 
 ``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them everything runs in one process with no
 process group. The backend is NCCL on GPUs and gloo on CPUs.
+
+Example:
+    >>> info = setup_distributed("cpu")  # not under torchrun: one process, no process group
+    >>> info.rank, info.world_size, info.distributed, info.is_main, info.device
+    (0, 1, False, True, device(type='cpu'))
+    >>> layer = nn.Linear(2, 2)
+    >>> replica_digests(layer, info) == [parameter_digest(layer)]  # one replica: this process's digest
+    True
 """
 
 from __future__ import annotations
@@ -14,7 +22,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "barrier", "parameter_digest", "replica_digests"]
+from ..checks import check_choice
+
+__all__ = [
+    "DEVICES",
+    "DistInfo",
+    "setup_distributed",
+    "cleanup_distributed",
+    "barrier",
+    "parameter_digest",
+    "replica_digests",
+]
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -28,6 +48,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
+        """More than one process: collectives are needed."""
         return self.world_size > 1
 
     @property
@@ -52,8 +73,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     Args:
         device: ``"auto"`` (the GPU ``LOCAL_RANK`` if CUDA is available, else the CPU), ``"cpu"`` or ``"cuda"``.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    check_choice("device", device, DEVICES)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     world_size = _env_int("WORLD_SIZE", 1)
@@ -72,11 +92,13 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group, if one was started."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

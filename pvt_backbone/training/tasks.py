@@ -19,6 +19,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from heads import group_norm
 
+from ..detection import trainable_to_frozen_stages
 from .data import (
     CocoDetection,
     SegmentationFolder,
@@ -30,7 +31,10 @@ from .evaluation import evaluate_detection, evaluate_segmentation, normalize_ima
 
 __all__ = [
     "TASKS",
+    "MODEL_TASK",
     "DATASETS",
+    "HEAD_NORMS",
+    "DEFAULT_IMAGE_SIZE",
     "ModelSpec",
     "DataSpec",
     "resolve_task_model",
@@ -40,6 +44,8 @@ __all__ = [
     "evaluate",
     "primary_metric",
     "plotted_metrics",
+    "steps_per_epoch",
+    "check_same_classes",
 ]
 
 TASKS: dict[str, tuple[str, ...]] = {
@@ -85,7 +91,7 @@ class ModelSpec:
     ``anchor_sizes`` (one list of sizes per pyramid level, e.g. ``[[16, 23], [32, 45], ...]``) builds the anchor
     generator (aspect ratios 0.5, 1, 2) of the anchor-based detectors. ``head_norm``:
     ``"default"`` keeps each builder's choice (GroupNorm in the segmentation heads, no norm in the detectors' FPN);
-    ``"bn"`` puts BatchNorm there (what ``--sync-bn`` converts to SyncBatchNorm); ``"gn"`` GroupNorm.
+    ``"bn"`` puts BatchNorm there (what ``TrainConfig(sync_bn=True)`` converts to SyncBatchNorm); ``"gn"`` GroupNorm.
     """
 
     task: str
@@ -145,7 +151,11 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainable_stages: int = 4) -> nn.Module:
-    """Build the model a spec describes, with a fresh head (and backbone weights when given)."""
+    """Build the model a spec describes, with a fresh head (and backbone weights when given).
+
+    ``trainable_stages`` (torchvision's ``trainable_backbone_layers``: 4 trains every backbone stage, 0 none) freezes
+    the first ``4 - trainable_stages`` stages of the backbone.
+    """
     if spec.task == "segmentation":
         from ..segmentation import semantic_fpn_pvt_v2
 
@@ -153,8 +163,9 @@ def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainab
         options = dict(spec.options)
         if spec.head_norm != "default":
             options["norm_layer"] = nn.BatchNorm2d if spec.head_norm == "bn" else group_norm
-        if trainable_stages != 4:
-            options["frozen_stages"] = 4 - trainable_stages
+        frozen = trainable_to_frozen_stages(trainable_stages)
+        if frozen:
+            options["frozen_stages"] = frozen
         return semantic_fpn_pvt_v2(
             spec.variant, num_classes=spec.num_classes, weights_backbone=weights_backbone, head=head, **options
         )
@@ -234,7 +245,7 @@ class DataSpec:
 
 
 def _need(spec: DataSpec, *names: str) -> None:
-    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(spec, n) is None]
+    missing = [name for name in names if getattr(spec, name) is None]
     if missing:
         raise ValueError(f"dataset {spec.kind!r} needs {' and '.join(missing)}")
 
@@ -337,10 +348,16 @@ def plotted_metrics(task: str) -> tuple[str, ...]:
 
 
 def steps_per_epoch(samples_per_rank: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over a rank's shard (the last batch may be short; at least 1).
+
+    >>> steps_per_epoch(10, 4)
+    3
+    """
     return max(1, math.ceil(samples_per_rank / batch_size))
 
 
 def check_same_classes(spec: ModelSpec, names: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless a dataset's class ``names`` are the ones the model was trained on, in order."""
     if tuple(names) != spec.class_names:
         raise ValueError(
             f"the checkpoint was trained on classes {list(spec.class_names)} but this dataset has {list(names)}"

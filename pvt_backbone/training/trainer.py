@@ -10,29 +10,32 @@ Under ``torchrun --nproc_per_node=N`` the same call runs one DDP replica per pro
 each on its own shard of every epoch; rank 0 alone prints, logs and writes. Resuming restores weights, optimizer,
 scheduler, grad scaler, the position in the data stream and every rank's RNG, so the losses continue exactly as
 in an uninterrupted run.
+
+A run is: set up (model, data, optimizer, schedule, resume state), then per step: one training step, logging,
+periodic evaluation and checkpointing; then finishing (replica check, final evaluation, loss curve).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
+from ..amp import autocast
+from ..checks import check_choice, check_float, check_int
+from ..weights.io import atomic_write
 from .checkpoint import (
-    Checkpoint,
-    atomic_write,
+    RunCheckpoint,
     latest_checkpoint,
     load_model_weights,
     load_training_state,
@@ -46,8 +49,12 @@ from .data.transforms import (
     collate_detection,
     collate_segmentation,
 )
-from .distributed import DistInfo, barrier, cleanup_distributed, replica_digests, setup_distributed
+from .distributed import DEVICES, DistInfo, barrier, cleanup_distributed, replica_digests, setup_distributed
+from .logs import LOG_FILE, LOSS_PNG, RunLog, plot_loss_curve, read_log
+from .rng import gather_rng_states, seed_everything, set_rng_state
+from .schedule import SCHEDULES, LRSchedule
 from .tasks import (
+    HEAD_NORMS,
     DataSpec,
     ModelSpec,
     build_datasets,
@@ -59,10 +66,24 @@ from .tasks import (
     training_loss,
 )
 
-__all__ = ["TrainConfig", "TrainResult", "WarmupDecay", "train", "plot_loss_curve", "read_log"]
+__all__ = ["TrainConfig", "TrainResult", "train", "plot_loss_curve", "read_log"]
 
-LOG_FILE = "log.jsonl"
-LOSS_PNG = "loss.png"
+_OnEval = Callable[[int, dict[str, Any]], None]  # on_eval(step, metrics)
+
+# Integer fields and their least allowed value; the optional ones may also be None.
+_INT_MINIMUMS: dict[str, int | None] = {
+    "epochs": 1,
+    "max_steps": 1,
+    "batch_size": 1,
+    "warmup_steps": 0,
+    "eval_every": 0,
+    "save_every": 0,
+    "log_every": 1,
+    "keep_checkpoints": 1,
+    "workers": 0,
+    "seed": None,
+}
+_OPTIONAL_INTS = ("epochs", "max_steps", "warmup_steps")
 
 
 @dataclass
@@ -72,7 +93,14 @@ class TrainConfig:
     Length: ``max_steps`` optimizer steps, or ``epochs`` passes over the training set (per-rank shard / batch size
     steps each). ``batch_size`` is per process. ``warmup_steps=None`` warms up over 5% of the run (at most 500).
     ``eval_every`` / ``save_every`` count steps (0: only at the end). ``resume``: ``True`` continues the latest
-    checkpoint of ``output_dir``; a path continues that run or checkpoint.
+    checkpoint of ``output_dir``; a path continues that run or checkpoint. The LR warms up linearly, then decays
+    (``schedule``: ``"cosine"`` or ``"poly"``) to ``min_lr_ratio`` times each group's LR (``LRSchedule``).
+
+    Example:
+        >>> TrainConfig(output_dir="runs/x", max_steps=100, lr=float("inf")).check()
+        Traceback (most recent call last):
+        ...
+        ValueError: lr must be a finite number > 0.0, got inf
     """
 
     output_dir: str
@@ -109,35 +137,27 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
+        """Raise ``ValueError`` (``TypeError`` for a value of the wrong type) naming the first bad setting."""
         resolve_task_model(self.task, self.model)
         if (self.epochs is None) == (self.max_steps is None):
-            raise ValueError("give exactly one of epochs (--epochs N) and max_steps (--max-steps N)")
-        for name in ("epochs", "max_steps"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        positive = {
-            "batch_size": self.batch_size,
-            "log_every": self.log_every,
-            "keep_checkpoints": self.keep_checkpoints,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("eval_every", "save_every", "workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.clip_grad < 0:
             raise ValueError(
-                f"need lr > 0, weight_decay >= 0, clip_grad >= 0; got {self.lr}, {self.weight_decay}, {self.clip_grad}"
+                f"give exactly one of epochs and max_steps, got epochs={self.epochs!r}, max_steps={self.max_steps!r}"
             )
-        if self.schedule not in ("cosine", "poly"):
-            raise ValueError(f"schedule must be 'cosine' or 'poly', got {self.schedule!r}")
+        for name, minimum in _INT_MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL_INTS:
+                check_int(name, value, minimum=minimum)
+        check_int("trainable_stages", self.trainable_stages, minimum=0, maximum=4)
+        check_float("lr", self.lr, minimum=0.0, inclusive=False)
+        check_float("backbone_lr_mult", self.backbone_lr_mult, minimum=0.0, inclusive=False)
+        check_float("weight_decay", self.weight_decay, minimum=0.0)
+        check_float("clip_grad", self.clip_grad, minimum=0.0)
+        check_float("min_lr_ratio", self.min_lr_ratio, minimum=0.0, maximum=1.0)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("head_norm", self.head_norm, HEAD_NORMS)
+        check_choice("device", self.device, DEVICES)
         if self.sync_bn and self.head_norm not in ("default", "bn"):
             raise ValueError(f"sync_bn synchronises BatchNorm; it cannot be combined with head_norm={self.head_norm!r}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -148,196 +168,74 @@ class TrainResult:
     spec: ModelSpec
     steps: int
     evals: list[dict[str, Any]]
-    checkpoint: Checkpoint | None
+    checkpoint: RunCheckpoint | None
     seconds: float
 
 
-class WarmupDecay:
-    """LR factor per step: linear warm-up from ``warmup_start`` to 1 over ``warmup`` steps, then cosine or poly
-    (power 0.9) decay to ``min_ratio`` at ``total`` steps. A callable object, so ``LambdaLR.state_dict`` keeps it.
+@dataclass
+class _Run:
+    """What the loop carries from set-up to finish. ``model`` is the bare model, ``wrapped`` what trains (the DDP
+    wrapper under torchrun, else the model itself); ``step`` the last step taken; ``log`` exists on rank 0 only."""
 
-    >>> f = WarmupDecay(total=100, warmup=10, kind="cosine", min_ratio=0.0)
-    >>> round(f(0), 3), f(10), round(f(55), 3), f(100)
-    (0.001, 1.0, 0.5, 0.0)
-    """
+    config: TrainConfig
+    info: DistInfo
+    spec: ModelSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    train_set: Any
+    val_set: Any
+    per_epoch: int
+    on_eval: _OnEval | None
+    start_step: int = 0
+    step: int = 0
+    checkpoint: RunCheckpoint | None = None
+    wrapped: nn.Module = field(init=False)
+    trainable: list[nn.Parameter] = field(init=False)
+    log: RunLog | None = None
+    progress: Any = None  # rank 0's tqdm bar, when config.progress
+    evals: list[dict[str, Any]] = field(default_factory=list)
 
-    def __init__(self, *, total: int, warmup: int, kind: str, min_ratio: float, warmup_start: float = 1e-3) -> None:
-        self.total, self.warmup, self.kind = total, warmup, kind
-        self.min_ratio, self.warmup_start = min_ratio, warmup_start
+    def __post_init__(self) -> None:
+        self.wrapped = self.model
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return self.warmup_start + (1 - self.warmup_start) * step / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        if self.kind == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * progress))
-        else:
-            decay = (1 - progress) ** 0.9
-        return self.min_ratio + (1 - self.min_ratio) * decay
+    @property
+    def task(self) -> str:
+        return self.spec.task
 
+    @property
+    def total(self) -> int:
+        return self.schedule.total
 
-def _describe(schedule: WarmupDecay) -> str:
-    return (
-        f"(total {schedule.total} steps, warm-up {schedule.warmup}, {schedule.kind}, min lr ratio {schedule.min_ratio})"
-    )
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
 
+    @property
+    def images_per_step(self) -> int:
+        return self.config.batch_size * self.info.world_size
 
-# -- logging -------------------------------------------------------------------------------------------------------
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl`` (a torn last line from a crash is skipped)."""
-    records = []
-    path = Path(path)
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-class _Log:
-    """Rank 0's JSON-lines log; on resume it drops records after the resumed step, so the file reads as one run."""
-
-    def __init__(self, path: Path, *, resume_step: int | None) -> None:
-        self.path = path
-        if resume_step is None:
-            self.path.write_text("")
-        else:
-            kept = [r for r in read_log(path) if r.get("step", 0) <= resume_step]
-            atomic_write(path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
+    def run_info(self) -> dict[str, Any]:
+        """What ``run.json`` holds: the model spec, the data spec and every other training field."""
+        fields = asdict(self.config)
+        fields.pop("data")
+        return {"model": self.spec.to_dict(), "data": self.config.data.to_dict(), "train": fields}
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metrics: Sequence[str] = ()) -> None:
-    """Training loss per step (raw and smoothed) and, on a second axis, each of ``metrics`` at every evaluation
-    that logged it; written as a PNG, atomically."""
-    import matplotlib
+@dataclass(frozen=True)
+class _StepStats:
+    """One training step: loss and its parts (mean over ranks), the LR it used, its gradient norm, its time."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        steps = [r["step"] for r in train]
-        losses = [r["loss"] for r in train]
-        smooth, acc = [], losses[0]
-        for value in losses:
-            acc = 0.9 * acc + 0.1 * value
-            smooth.append(acc)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="loss (smoothed)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    curves = [(m, [r for r in records if m in r.get("eval", {})]) for m in metrics]
-    curves = [(m, evals) for m, evals in curves if evals]
-    if curves:
-        twin = ax.twinx()
-        for (metric, evals), colour in zip(curves, ("tab:orange", "tab:green", "tab:red", "tab:purple")):
-            steps = [r["step"] for r in evals]
-            twin.plot(steps, [r["eval"][metric] for r in evals], "o-", color=colour, label=f"val {metric}")
-        twin.set_ylabel("validation metric")
-        twin.set_ylim(0, 1)
-        more_handles, more_labels = twin.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    if handles:
-        ax.legend(handles, labels, loc="center right")
-    fig.tight_layout()
-    atomic_write(path, lambda temp: fig.savefig(temp, format="png"))
-    plt.close(fig)
+    values: dict[str, float]
+    lr: float
+    grad_norm: float | None
+    seconds: float
 
 
-# -- RNG state -----------------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states as plain Python values (bytes, ints, lists): picklable across ranks and loadable
-    with ``torch.load(weights_only=True)``."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state().numpy().tobytes(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": _to_lists(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
-    return state
-
-
-def _byte_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _to_lists(value: Any) -> Any:
-    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _to_tuples(value: Any) -> Any:
-    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(_byte_tensor(state["torch"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    random.setstate(_to_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(_byte_tensor(state["cuda"]))
-
-
-def _all_rng_states(info: DistInfo) -> list[dict[str, Any]]:
-    mine = _rng_state()
-    if not info.distributed:
-        return [mine]
-    gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, mine)
-    return gathered
-
-
-# -- the run -------------------------------------------------------------------------------------------------------
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _average(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Mean of each value over ranks (one small all-reduce)."""
-    if not info.distributed:
-        return values
-    keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
-    dist.all_reduce(packed)
-    return dict(zip(keys, (packed / info.world_size).tolist()))
-
-
-def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-def _find_resume(config: TrainConfig) -> Checkpoint | None:
-    if config.resume is False or config.resume is None:
-        if latest_checkpoint(config.output_dir) is not None:
-            raise FileExistsError(
-                f"{config.output_dir} already holds a run with checkpoints; pass --resume to continue it, or choose "
-                "another --output-dir"
-            )
-        return None
-    if config.resume is True:
-        checkpoint = latest_checkpoint(config.output_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"{config.output_dir}: nothing to resume (no checkpoints/latest.json)")
-        return checkpoint
-    return resolve_checkpoint(config.resume)
-
-
-def train(config: TrainConfig, *, on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+def train(config: TrainConfig, *, on_eval: _OnEval | None = None) -> TrainResult:
     """Run a training job; see the module docstring. ``on_eval(step, metrics)`` is called on every rank."""
     config.check()
     owns_group = not (dist.is_available() and dist.is_initialized())
@@ -349,10 +247,33 @@ def train(config: TrainConfig, *, on_eval: Callable[[int, dict[str, Any]], None]
             cleanup_distributed()
 
 
-def _run(config: TrainConfig, info: DistInfo, on_eval: Callable | None) -> TrainResult:
+def _run(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> TrainResult:
     started = time.perf_counter()
+    run = _set_up(config, info, on_eval)
+    if run.val_set is not None and config.eval_at_start and run.start_step == 0:
+        _evaluate(run, 0)
+    run.progress = _progress_bar(run)
+    try:
+        batches = iter(_train_loader(run))
+        for step in range(run.start_step + 1, run.total + 1):
+            run.step = step
+            stats = _train_step(run, batches)
+            _report(run, stats)
+            _evaluate_and_save(run)
+        _finish(run)
+    finally:
+        if run.progress is not None:
+            run.progress.close()
+    if run.log is not None:
+        plot_loss_curve(read_log(run.log.path), run.output_dir / LOSS_PNG, metrics=plotted_metrics(run.task))
+    barrier()
+    return TrainResult(run.model, run.spec, run.step, run.evals, run.checkpoint, time.perf_counter() - started)
+
+
+# -- set-up --------------------------------------------------------------------------------------------------------
+def _set_up(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> _Run:
+    """Model, data, optimizer, schedule and, when resuming, the saved state; then the run's files on rank 0."""
     task, model_name = resolve_task_model(config.task, config.model)
-    output_dir = Path(config.output_dir)
     resume_from = _find_resume(config)
     train_set, val_set = build_datasets(config.data, task, val=config.eval)
     spec = ModelSpec.for_dataset(
@@ -365,224 +286,310 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: Callable | None) -> Train
         options=dict(config.model_options),
     )
     if resume_from is not None:
-        saved = resume_from.run_info().get("model")
-        if saved is not None and ModelSpec.from_dict(saved) != spec:
-            raise ValueError(
-                f"{resume_from.directory}: cannot resume, the checkpoint's model {saved} differs from "
-                f"this run's {spec.to_dict()}"
-            )
+        _check_same_model(resume_from, spec)
+    model = _build_model(config, info, spec)
+    optimizer = _build_optimizer(config, model)
+    probe = ResumableSampler(len(train_set), rank=info.rank, world_size=info.world_size, seed=config.seed)
+    per_epoch = steps_per_epoch(probe.samples_per_epoch, config.batch_size)
+    total = config.max_steps if config.max_steps is not None else config.epochs * per_epoch
+    schedule = LRSchedule.for_run(
+        total=total, warmup_steps=config.warmup_steps, kind=config.schedule, min_ratio=config.min_lr_ratio
+    )
+    scaler = torch.amp.GradScaler(info.device.type, enabled=config.amp and info.device.type == "cuda")
+    run = _Run(
+        config=config,
+        info=info,
+        spec=spec,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        scheduler=schedule.scheduler(optimizer),
+        scaler=scaler,
+        train_set=train_set,
+        val_set=val_set,
+        per_epoch=per_epoch,
+        on_eval=on_eval,
+    )
+    if resume_from is not None:
+        run.start_step = run.step = _restore(run, resume_from)
+        run.checkpoint = resume_from
+    run.wrapped = _wrap_ddp(model, info)
+    run.log = _open_outputs(run, resumed=resume_from is not None)
+    return run
 
+
+def _find_resume(config: TrainConfig) -> RunCheckpoint | None:
+    """The checkpoint ``config.resume`` names; refuses to start over a run that has checkpoints."""
+    if config.resume is False or config.resume is None:
+        if latest_checkpoint(config.output_dir) is not None:
+            raise FileExistsError(
+                f"{config.output_dir} already holds a run with checkpoints; pass resume=True to continue it, or "
+                "choose another output_dir"
+            )
+        return None
+    if config.resume is True:
+        checkpoint = latest_checkpoint(config.output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{config.output_dir}: nothing to resume (no checkpoints/latest.json)")
+        return checkpoint
+    return resolve_checkpoint(config.resume)
+
+
+def _check_same_model(checkpoint: RunCheckpoint, spec: ModelSpec) -> None:
+    saved = checkpoint.run_info().get("model")
+    if saved is not None and ModelSpec.from_dict(saved) != spec:
+        raise ValueError(
+            f"{checkpoint.directory}: cannot resume, the checkpoint's model {saved} differs from this run's "
+            f"{spec.to_dict()}"
+        )
+
+
+def _build_model(config: TrainConfig, info: DistInfo, spec: ModelSpec) -> nn.Module:
+    """The seeded model on this rank's device (SyncBatchNorm under torchrun with ``sync_bn``)."""
     if config.sync_bn and info.distributed and info.device.type != "cuda":
         raise ValueError(
-            "--sync-bn needs GPUs: torch's SyncBatchNorm runs on CUDA only; on CPU leave it off (the heads then use "
-            "their default GroupNorm, which needs no synchronisation)"
+            "sync_bn=True needs GPUs: torch's SyncBatchNorm runs on CUDA only; on CPU leave it off (the heads then "
+            "use their default GroupNorm, which needs no synchronisation)"
         )
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     model = build_model(spec, weights_backbone=config.weights_backbone, trainable_stages=config.trainable_stages)
     if config.sync_bn and info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(info.device)
+    return model.to(info.device)
 
+
+def _build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     from ..optim import param_groups
 
     groups = param_groups(
         model, lr=config.lr, weight_decay=config.weight_decay, backbone_lr_mult=config.backbone_lr_mult
     )
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    sampler_probe = ResumableSampler(len(train_set), rank=info.rank, world_size=info.world_size, seed=config.seed)
-    per_epoch = steps_per_epoch(sampler_probe.samples_per_epoch, config.batch_size)
-    total = config.max_steps if config.max_steps is not None else config.epochs * per_epoch
-    warmup = config.warmup_steps if config.warmup_steps is not None else min(500, max(1, total // 20))
-    schedule = WarmupDecay(total=total, warmup=min(warmup, total), kind=config.schedule, min_ratio=config.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=config.amp and info.device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
-    start_step = 0
-    if resume_from is not None:
-        load_model_weights(model, resume_from.weights)
-        state = load_training_state(resume_from)
-        if state.get("world_size") != info.world_size or state.get("batch_size") != config.batch_size:
-            raise ValueError(
-                f"{resume_from.state}: saved with {state.get('world_size')} process(es) x batch size "
-                f"{state.get('batch_size')}, resumed with {info.world_size} x {config.batch_size}; "
-                "exact resume needs the same"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        requested = WarmupDecay(**vars(schedule))
-        scheduler.load_state_dict(state["scheduler"])  # writes the saved fields into ``schedule``
-        if vars(schedule) != vars(requested):
-            raise ValueError(
-                f"{resume_from.state}: saved with the schedule {_describe(schedule)}, resumed with "
-                f"{_describe(requested)}; "
-                "exact resume needs the same max steps/epochs, warm-up, schedule and min lr ratio "
-                "(to train longer, start a new run from this run's weights)"
-            )
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][info.rank])
-        start_step = int(state["step"])
 
-    wrapped: nn.Module = model
-    if info.distributed:
-        # PVTv2's depthwise convs produce channels-last gradients; DDP copies them into its buckets and says so once
-        # per rank. Correctness is unaffected, so the note is silenced.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+def _restore(run: _Run, checkpoint: RunCheckpoint) -> int:
+    """Load a checkpoint's weights and training state into the run; the step it was taken at."""
+    load_model_weights(run.model, checkpoint.weights)
+    state = load_training_state(checkpoint)
+    world_size, batch_size = state.get("world_size"), state.get("batch_size")
+    if world_size != run.info.world_size or batch_size != run.config.batch_size:
+        raise ValueError(
+            f"{checkpoint.state}: saved with {world_size} process(es) x batch size {batch_size}, resumed with "
+            f"{run.info.world_size} x {run.config.batch_size}; exact resume needs the same"
+        )
+    _check_same_schedule(checkpoint, state, run.schedule)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][run.info.rank])
+    return int(state["step"])
 
-    if task == "segmentation":
-        train_view = AugmentedSegmentation(train_set, size=spec.image_size)
-        collate = collate_segmentation
+
+def _check_same_schedule(checkpoint: RunCheckpoint, state: dict[str, Any], requested: LRSchedule) -> None:
+    if "schedule" not in state:
+        raise ValueError(
+            f"{checkpoint.state}: this training state holds no LR schedule record, so it cannot be resumed exactly; "
+            "start a new run from its weights"
+        )
+    saved = LRSchedule.from_dict(state["schedule"])
+    if saved != requested:
+        raise ValueError(
+            f"{checkpoint.state}: saved with the schedule {saved.describe()}, resumed with {requested.describe()}; "
+            "exact resume needs the same max_steps/epochs, warmup_steps, schedule and min_lr_ratio "
+            "(to train longer, start a new run from this run's weights)"
+        )
+
+
+def _wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    if not info.distributed:
+        return model
+    # PVTv2's depthwise convs produce channels-last gradients; DDP copies them into its buckets and says so once per
+    # rank. Correctness is unaffected, so the note is silenced.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _train_loader(run: _Run) -> DataLoader:
+    """Augmented training batches from where the run stands (``start_step`` batches in)."""
+    if run.task == "segmentation":
+        view, collate = AugmentedSegmentation(run.train_set, size=run.spec.image_size), collate_segmentation
     else:
-        train_view = AugmentedDetection(train_set)
-        collate = collate_detection
+        view, collate = AugmentedDetection(run.train_set), collate_detection
     sampler = ResumableSampler(
-        len(train_set),
-        rank=info.rank,
-        world_size=info.world_size,
-        seed=config.seed,
-        start=start_step * config.batch_size,
+        len(run.train_set),
+        rank=run.info.rank,
+        world_size=run.info.world_size,
+        seed=run.config.seed,
+        start=run.start_step * run.config.batch_size,
     )
-    loader = DataLoader(
-        train_view,
-        batch_size=config.batch_size,
+    return DataLoader(
+        view,
+        batch_size=run.config.batch_size,
         sampler=sampler,
-        num_workers=config.workers,
+        num_workers=run.config.workers,
         collate_fn=collate,
-        pin_memory=info.device.type == "cuda",
-        generator=torch.Generator().manual_seed(config.seed),  # worker seeds never touch the global RNG
+        pin_memory=run.info.device.type == "cuda",
+        generator=torch.Generator().manual_seed(run.config.seed),  # worker seeds never touch the global RNG
         persistent_workers=False,
     )
 
-    log: _Log | None = None
-    run_info = {"model": spec.to_dict(), "data": config.data.to_dict(), "train": _train_fields(config)}
-    if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(output_dir / "run.json", lambda p: p.write_text(json.dumps(run_info, indent=2) + "\n"))
-        log = _Log(output_dir / LOG_FILE, resume_step=start_step if resume_from is not None else None)
-    evals: list[dict[str, Any]] = []
 
-    def run_eval(step: int) -> None:
-        metrics = evaluate(
-            wrapped,
-            val_set,
-            spec,
-            device=info.device,
-            batch_size=config.batch_size,
-            amp=config.amp,
-            progress=config.progress and info.is_main,
-        )
-        evals.append({"step": step, **metrics})
-        if log is not None:
-            log.write({"step": step, "eval": metrics})
-            summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            _print(info, f"step {step}: {summary}")
-        if on_eval is not None:
-            on_eval(step, metrics)
-
-    if val_set is not None and config.eval_at_start and start_step == 0:
-        run_eval(0)
-
-    progress = None
-    if config.progress and info.is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, unit="step")
-    checkpoint = resume_from
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    images_per_step = config.batch_size * info.world_size
-    wrapped.train()
-    batches = iter(loader)
-    step = start_step
-    try:
-        for step in range(start_step + 1, total + 1):
-            tick = time.perf_counter()
-            batch = next(batches)
-            with _autocast(info.device, config.amp):
-                loss, parts = training_loss(wrapped, task, batch, info.device)
-            finite = torch.isfinite(loss.detach()).to(torch.int32)
-            if info.distributed:  # every rank stops together; one rank raising alone leaves the others waiting
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item():
-                if torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss is not finite on another process at step {step}")
-                detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step} ({detail}); lower --lr, keep --clip-grad on, "
-                    "or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            grad_norm = None
-            if config.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad))
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            values = _average({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}, info)
-            seconds = time.perf_counter() - tick
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_step / seconds:.1f}"
-                )
-                progress.update(1)
-            if log is not None and (step % config.log_every == 0 or step == total or step == start_step + 1):
-                record = {
-                    "step": step,
-                    "epoch": round(step / per_epoch, 4),
-                    **values,
-                    "lr": lr,
-                    "images_per_s": round(images_per_step / seconds, 3),
-                }
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                log.write(record)
-            if val_set is not None and config.eval_every and step % config.eval_every == 0 and step != total:
-                run_eval(step)
-            if (config.save_every and step % config.save_every == 0) or step == total:
-                checkpoint = _save(output_dir, step, model, optimizer, scheduler, scaler, config, info, run_info)
-        if info.distributed and total > start_step:
-            digests = replica_digests(model, info)  # DDP keeps replicas identical; prove it before anyone relies on it
-            if log is not None:
-                log.write({"step": total, "replicas": {"world_size": info.world_size, "param_sha256": digests}})
-            if len(set(digests)) != 1:
-                raise RuntimeError(f"DDP replicas diverged: parameter digests per rank {digests}")
-        if val_set is not None and total > start_step:
-            run_eval(total)
-    finally:
-        if progress is not None:
-            progress.close()
-    if info.is_main and log is not None:
-        plot_loss_curve(read_log(log.path), output_dir / LOSS_PNG, metrics=plotted_metrics(task))
-    barrier()
-    return TrainResult(model, spec, step, evals, checkpoint, time.perf_counter() - started)
+def _open_outputs(run: _Run, *, resumed: bool) -> RunLog | None:
+    """Rank 0 writes ``run.json`` and opens the log (trimmed to the resumed step); other ranks write nothing."""
+    if not run.info.is_main:
+        return None
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(run.run_info(), indent=2) + "\n"
+    atomic_write(run.output_dir / "run.json", lambda temp: temp.write_text(text))
+    return RunLog(run.output_dir / LOG_FILE, resume_step=run.start_step if resumed else None)
 
 
-def _train_fields(config: TrainConfig) -> dict[str, Any]:
-    fields = asdict(config)
-    fields.pop("data")
-    return fields
+def _progress_bar(run: _Run) -> Any:
+    if not (run.config.progress and run.info.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.total, initial=run.start_step, desc="train", dynamic_ncols=True, unit="step")
 
 
-def _save(output_dir, step, model, optimizer, scheduler, scaler, config, info, run_info) -> Checkpoint | None:
-    rng = _all_rng_states(info)  # every rank takes part
+# -- one step ------------------------------------------------------------------------------------------------------
+def _train_step(run: _Run, batches: Iterator[Any]) -> _StepStats:
+    """Forward, backward, clip, optimizer and scheduler step on the next batch (its loading time included)."""
+    tick = time.perf_counter()
+    batch = next(batches)
+    with autocast(run.info.device, enabled=run.config.amp):
+        loss, parts = training_loss(run.wrapped, run.task, batch, run.info.device)
+    _check_finite(loss, parts, run.step, run.info)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    grad_norm = None
+    if run.config.clip_grad > 0:
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, run.config.clip_grad))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    values = _average({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}, run.info)
+    return _StepStats(values, lr, grad_norm, time.perf_counter() - tick)
+
+
+def _check_finite(loss: Tensor, parts: dict[str, Tensor], step: int, info: DistInfo) -> None:
+    """Raise ``FloatingPointError`` on every rank when the loss is not finite on any."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if info.distributed:  # every rank stops together; one rank raising alone leaves the others waiting
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item():
+        return
+    if torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is not finite on another process at step {step}")
+    detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+    raise FloatingPointError(
+        f"loss is {loss.item()} at step {step} ({detail}); lower lr, keep clip_grad > 0, or check the data"
+    )
+
+
+def _average(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Mean of each value over ranks (one small all-reduce)."""
+    if not info.distributed:
+        return values
+    keys = sorted(values)
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(packed)
+    return dict(zip(keys, (packed / info.world_size).tolist()))
+
+
+# -- logging, evaluation, checkpoints ------------------------------------------------------------------------------
+def _report(run: _Run, stats: _StepStats) -> None:
+    """Advance the progress bar; log the step every ``log_every`` steps, at the first and at the last."""
+    step, images_per_s = run.step, run.images_per_step / stats.seconds
+    if run.progress is not None:
+        run.progress.set_postfix(loss=f"{stats.values['loss']:.4f}", lr=f"{stats.lr:.2e}", img_s=f"{images_per_s:.1f}")
+        run.progress.update(1)
+    if run.log is None or not (step % run.config.log_every == 0 or step in (run.total, run.start_step + 1)):
+        return
+    record = {
+        "step": step,
+        "epoch": round(step / run.per_epoch, 4),
+        **stats.values,
+        "lr": stats.lr,
+        "images_per_s": round(images_per_s, 3),
+    }
+    if stats.grad_norm is not None:
+        record["grad_norm"] = stats.grad_norm
+    run.log.write(record)
+
+
+def _evaluate_and_save(run: _Run) -> None:
+    """Evaluate every ``eval_every`` steps (the last step's evaluation is the final one); checkpoint every
+    ``save_every`` steps and at the last."""
+    step, config = run.step, run.config
+    if run.val_set is not None and config.eval_every and step % config.eval_every == 0 and step != run.total:
+        _evaluate(run, step)
+    if (config.save_every and step % config.save_every == 0) or step == run.total:
+        run.checkpoint = _save(run)
+
+
+def _evaluate(run: _Run, step: int) -> None:
+    metrics = evaluate(
+        run.wrapped,
+        run.val_set,
+        run.spec,
+        device=run.info.device,
+        batch_size=run.config.batch_size,
+        amp=run.config.amp,
+        progress=run.config.progress and run.info.is_main,
+    )
+    run.evals.append({"step": step, **metrics})
+    if run.log is not None:
+        run.log.write({"step": step, "eval": metrics})
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        _print(run.info, f"step {step}: {summary}")
+    if run.on_eval is not None:
+        run.on_eval(step, metrics)
+
+
+def _save(run: _Run) -> RunCheckpoint | None:
+    """Checkpoint the current step (every rank takes part; rank 0 writes)."""
+    rng = gather_rng_states(run.info)
     checkpoint = None
-    if info.is_main:
+    if run.info.is_main:
         state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
+            "step": run.step,
+            "optimizer": run.optimizer.state_dict(),
+            "schedule": run.schedule.to_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
             "rng": rng,
-            "world_size": info.world_size,
-            "batch_size": config.batch_size,
+            "world_size": run.info.world_size,
+            "batch_size": run.config.batch_size,
         }
         checkpoint = save_checkpoint(
-            output_dir, step=step, model=model, state=state, run=run_info, keep=config.keep_checkpoints
+            run.output_dir,
+            step=run.step,
+            model=run.model,
+            state=state,
+            run=run.run_info(),
+            keep=run.config.keep_checkpoints,
         )
     barrier()
-    return checkpoint if info.is_main else latest_checkpoint(output_dir)
+    return checkpoint if run.info.is_main else latest_checkpoint(run.output_dir)
+
+
+# -- finishing -----------------------------------------------------------------------------------------------------
+def _finish(run: _Run) -> None:
+    """After the last step (when this call trained any): check that DDP replicas agree, then evaluate."""
+    if run.total <= run.start_step:
+        return
+    if run.info.distributed:
+        digests = replica_digests(run.model, run.info)  # DDP keeps replicas identical; prove it before use
+        if run.log is not None:
+            run.log.write({"step": run.total, "replicas": {"world_size": run.info.world_size, "param_sha256": digests}})
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP replicas diverged: parameter digests per rank {digests}")
+    if run.val_set is not None:
+        _evaluate(run, run.total)
 
 
 def _print(info: DistInfo, message: str) -> None:
