@@ -26,27 +26,24 @@ from .detection import (
 from .optim import param_groups
 from .registry import create_model, list_models
 from .segmentation import PVTv2Segmenter, segmentation_loss, semantic_fpn_pvt_v2
-from .weights.layouts import (
+from .weights import (
     LAYOUTS,
     Architecture,
     CheckpointError,
     Conversion,
     DroppedKey,
+    LoadReport,
+    SaveReport,
     convert,
     detect_layout,
     from_native,
     infer_architecture,
-    to_native,
-)
-from .weights.load import (
-    LoadReport,
-    SaveReport,
-    convert_checkpoint,
-    inspect_checkpoint,
     load_weights,
     read_checkpoint,
     save_weights,
+    to_native,
 )
+from .weights.converter import convert_checkpoint, inspect_checkpoint
 
 __version__ = "0.1.0"
 

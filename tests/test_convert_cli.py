@@ -1,13 +1,14 @@
-"""tools/convert_weights.py: conversions between all layouts, --inspect, exit codes and messages."""
+"""The converter command (pvt_backbone.cli.convert, tools/convert_weights.py): conversions between all layouts,
+--inspect, exit codes (1 error, 2 usage) and messages."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -15,28 +16,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pvt_backbone import PVTv2, PVTv2Backbone, PVTv2Config, from_native
+from pvt_backbone import CheckpointError, PVTv2, PVTv2Backbone, PVTv2Config, from_native
+from pvt_backbone.cli.convert import main
+from pvt_backbone.cli.convert import run as run_entry_point
+from pvt_backbone.cli.runner import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "convert_weights.py"
 TINY = PVTv2Config(embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4))
 
 
-def load_cli() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convert_weights", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = load_cli()
-
-
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    code = CLI.main([str(a) for a in argv])
+    """Exit status, stdout and stderr of the command under the error contract; stderr without the ``<prog>: ``."""
+    code = run_command(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
-    return code, out, err
+    prog = os.path.basename(sys.argv[0])
+    assert err == "" or err.startswith(f"{prog}: error: "), err
+    return code, out, err.removeprefix(f"{prog}: ")
 
 
 @pytest.fixture
@@ -171,6 +167,7 @@ def test_trust_pickle_flag(capsys: pytest.CaptureFixture[str], native: dict[str,
     torch.save({"model": native, "args": argparse.Namespace(epochs=300)}, path)
     code, _, err = run(capsys, path, tmp_path / "out.safetensors")
     assert code == 1 and "--trust-pickle" in err and "argparse.Namespace" in err
+    assert "trust_pickle=True" not in err  # the command words the library's parameter as its flag
     code, out, _ = run(capsys, path, tmp_path / "out.safetensors", "--trust-pickle")
     assert code == 0 and "['args']" in out
 
@@ -198,19 +195,60 @@ def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], pvt_file: Path,
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], pvt_file: Path) -> None:
     for argv in ([pvt_file], ["--inspect", pvt_file, pvt_file], [pvt_file, "o.safetensors", "--to", "onnx"]):
         with pytest.raises(SystemExit) as info:
-            CLI.main([str(a) for a in argv])
+            main([str(a) for a in argv])
+        assert info.value.code == 2
+        with pytest.raises(SystemExit) as info:  # the wrapper lets argparse's exit through
+            run_command(main, [str(a) for a in argv])
         assert info.value.code == 2
     assert "usage:" in capsys.readouterr().err
 
 
+def test_main_raises_library_errors_for_the_wrapper_to_word(pvt_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        main([str(tmp_path / "missing.pth"), str(tmp_path / "o.safetensors")])
+    with pytest.raises(CheckpointError, match="not PVTv2-b0") as info:
+        main([str(pvt_file), str(tmp_path / "o.safetensors"), "--variant", "b0"])
+    assert info.value.__cause__ is None  # no parameter named in it: re-raised as it is
+    body_only = tmp_path / "body.safetensors"
+    run_command(main, [str(pvt_file), str(body_only)])
+    with pytest.raises(CheckpointError, match="--to classifier needs one") as info:
+        main([str(body_only), str(tmp_path / "o.safetensors"), "--to", "classifier"])
+    assert 'to="classifier"' in str(info.value.__cause__)  # the library's own wording, kept as the cause
+
+
+def test_entry_point_exits_with_the_status(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, pvt_file: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["pvt-convert", "--inspect", str(tmp_path / "absent.pth")])
+    with pytest.raises(SystemExit) as info:
+        run_entry_point()
+    assert info.value.code == 1
+    assert capsys.readouterr().err.startswith("pvt-convert: error: weights file not found")
+    monkeypatch.setattr(sys, "argv", ["pvt-convert", "--inspect", str(pvt_file)])
+    with pytest.raises(SystemExit) as info:
+        run_entry_point()
+    assert info.value.code == 0 and "layout:     pvt" in capsys.readouterr().out
+
+
+def test_shim_script_imports_without_running() -> None:
+    spec = importlib.util.spec_from_file_location("convert_weights", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)  # no parse, no exit: only ``__main__`` runs the command
+    assert shim.main is main
+
+
 def test_script_fails_cleanly_as_a_program(tmp_path: Path) -> None:
-    """The real entry point (one subprocess: starting Python with torch is slow): status 1, one line, no traceback."""
+    """The real entry point (starting Python with torch is slow): status 1 with one line, 2 with the usage."""
     bad = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path / "none.pth"), str(tmp_path / "o.safetensors")],
         capture_output=True,
         text=True,
     )
     assert bad.returncode == 1
-    assert bad.stderr.startswith("error: weights file not found") and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("convert_weights.py: error: weights file not found") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and bad.stdout == ""
     assert not (tmp_path / "o.safetensors").exists()
+    usage = subprocess.run([sys.executable, str(SCRIPT), "--dtype", "int8"], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: convert_weights.py") and usage.stdout == ""
+    assert "invalid choice: 'int8'" in usage.stderr

@@ -8,17 +8,19 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import pvt_backbone.weights.converter
 from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config, build_classifier
+from pvt_backbone.weights.detect import convert, detect_layout, infer_architecture, to_native
 from pvt_backbone.weights.layouts import (
     LAYOUTS,
     CheckpointError,
-    convert,
-    detect_layout,
+    DroppedKey,
+    dropped_lines,
     from_native,
-    infer_architecture,
     keep_stages,
+    map_to_native,
+    scope_kind,
     split_head,
-    to_native,
     unwrap_checkpoint,
 )
 
@@ -279,6 +281,56 @@ def test_unmapped_key_under_the_prefix_is_an_error() -> None:
     flat["backbone.stages.0.blocks.0.attn.extra.weight"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match=r"1 key\(s\) under 'backbone.' match no rule.*attn\.extra"):
         to_native(flat)
+
+
+def test_mixed_prefix_under_the_prefix_names_the_second_prefix() -> None:
+    flat = {"backbone." + k: v for k, v in tiny_state_dict().items()}
+    flat["backbone.ema.stages.0.norm.weight"] = torch.zeros(8)  # a layout key behind a second prefix
+    with pytest.raises(CheckpointError, match=r"mixed prefixes: .* 1 carry another prefix: 'backbone\.ema\."):
+        to_native(flat)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_map_to_native_with_a_named_layout_matches_detection(layout: str) -> None:
+    exported = from_native(tiny_state_dict(), layout).state_dict
+    named, detected = map_to_native(exported, layout), to_native(exported)
+    assert (named.layout, named.prefix, named.notes) == (detected.layout, "", detected.notes)
+    assert named.state_dict.keys() == detected.state_dict.keys()
+    assert all(torch.equal(named.state_dict[k], v) for k, v in detected.state_dict.items())
+
+
+def test_map_to_native_names_unmapped_keys_and_the_prefix() -> None:
+    body = dict(tiny_state_dict())
+    body["stages.0.blocks.0.attn.extra.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"1 key\(s\) at the top level match no rule of the timm layout"):
+        map_to_native(body, "timm")
+    with pytest.raises(CheckpointError, match=r"under 'net\.' match no rule.*'net\.stages\.0\.blocks\.0\.attn\.extra"):
+        map_to_native(body, "native", prefix="net.")
+    del body["stages.0.blocks.0.attn.extra.weight"]
+    result = map_to_native(body, "native", prefix="net.")
+    assert result.prefix == "net." and result.notes[0] == "stripped prefix 'net.'"
+    with pytest.raises(ValueError, match="unknown layout 'onnx'"):
+        map_to_native(body, "onnx")
+
+
+def test_scope_kind_and_dropped_lines() -> None:
+    assert [scope_kind("hf", k) for k in ("encoder.layers.2.layer_norm.bias", "classifier.weight", "pos_embed")] == [
+        "norm",
+        "head",
+        None,
+    ]
+    assert scope_kind("native", "stages.0.downsample.proj.weight") is None  # stage 0 is embedded by patch_embed
+    dropped = [DroppedKey(f"neck.{i}", "not PVTv2") for i in range(7)] + [DroppedKey("head.bias", "no head")]
+    assert dropped_lines(dropped) == [
+        "  dropped 7 (not PVTv2): neck.0, neck.1, neck.2, neck.3, neck.4 ...",
+        "  dropped 1 (no head): head.bias",
+    ]
+
+
+def test_the_package_convert_is_the_function_next_to_the_converter_module() -> None:
+    # importing a submodule sets the package attribute of its name: one named "convert" would replace the function
+    assert pvt_backbone.weights.converter.convert_checkpoint is pvt_backbone.convert_checkpoint
+    assert pvt_backbone.weights.convert is convert and pvt_backbone.convert is convert
 
 
 def test_renamed_keys_are_not_a_known_layout() -> None:

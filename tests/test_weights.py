@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import pvt_backbone.weights.load as weights_module
+import pvt_backbone.weights.save as save_module
 from pvt_backbone import (
     VARIANTS,
     CheckpointError,
@@ -315,7 +315,8 @@ def test_pickle_needing_code_is_refused_unless_trusted(source: dict, tmp_path: P
     with pytest.raises(CheckpointError) as info:
         load_weights(model, path)
     message = str(info.value)
-    assert "argparse.Namespace" in message and "trust_pickle=True" in message and "--trust-pickle" in message
+    assert "argparse.Namespace" in message and "trust_pickle=True" in message
+    assert "--trust-pickle" not in message  # the library names its parameter; the command line words it as a flag
     assert_same(model, before)
     report = load_weights(model, path, trust_pickle=True)
     assert_same(model, source)
@@ -468,6 +469,16 @@ def test_save_handles_aliased_and_non_contiguous_tensors(tmp_path: Path, source:
     assert torch.equal(reread["stages.1.blocks.0.attn.q.weight"], source["stages.1.blocks.0.attn.q.weight"])
 
 
+def test_written_variant_is_the_given_one_where_shapes_fit_several(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        shapes = PVTv2Backbone.b3(out_indices=(0, 1)).state_dict()  # stages 0-1 of b2 and b3 are shape-identical
+    pruned = {k: torch.zeros(v.shape) for k, v in shapes.items()}
+    inferred = save_module.write_safetensors(pruned, tmp_path / "a.safetensors", layout="timm")
+    given = save_module.write_safetensors(pruned, tmp_path / "b.safetensors", layout="timm", variant="b3")
+    assert (inferred.variant, inferred.metadata["pvt_backbone.variant"]) == (None, "unknown")
+    assert read_checkpoint(tmp_path / "b.safetensors").metadata["pvt_backbone.variant"] == given.variant == "b3"
+
+
 def test_failed_save_keeps_the_existing_file(tmp_path: Path, source: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "out.safetensors"
     path.write_bytes(b"previous contents")
@@ -476,7 +487,7 @@ def test_failed_save_keeps_the_existing_file(tmp_path: Path, source: dict, monke
         Path(filename).write_bytes(b"half written")
         raise OSError("disk full")
 
-    monkeypatch.setattr(weights_module, "save_file", broken_save)
+    monkeypatch.setattr(save_module, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_weights(source, path)
     assert path.read_bytes() == b"previous contents"

@@ -1,53 +1,38 @@
-"""PVTv2 weights: layout tables, reading and loading checkpoints, saving them, converting files."""
+"""PVTv2 weights: key-layout tables, layout detection, reading and loading checkpoints, saving them.
 
-from .layouts import (
-    LAYOUTS,
-    Architecture,
-    CheckpointError,
-    Conversion,
-    DroppedKey,
-    convert,
-    detect_layout,
-    from_native,
-    infer_architecture,
-    to_native,
-)
-from .load import (
-    CONVERT_TARGETS,
-    DTYPES,
-    CheckpointInfo,
-    ConvertReport,
-    LoadReport,
-    SaveReport,
-    WeightsSource,
-    convert_checkpoint,
-    inspect_checkpoint,
-    load_weights,
-    read_checkpoint,
-    save_weights,
-)
+Modules, each depending only on those before it: ``layouts`` (the tables and pure mappings), ``detect`` (layout,
+prefix and architecture from a checkpoint's keys and shapes), ``io`` (reading files, the atomic writer),
+``state_dict`` (comparing with a model, the strict loader), ``load``, ``save``, and ``converter`` (inspecting and
+converting files; it builds a model, so it is not imported here: ``pvt_backbone.backbone`` imports this package).
+"""
+
+from .detect import Architecture, convert, detect_layout, infer_architecture, to_native
+from .io import Checkpoint, WeightsSource, atomic_write, read_checkpoint
+from .layouts import LAYOUTS, CheckpointError, Conversion, DroppedKey, from_native
+from .load import LoadReport, load_weights
+from .save import DTYPES, SaveReport, save_weights
+from .state_dict import compare_state_dicts, load_state_dict_strict
 
 __all__ = [
     "LAYOUTS",
     "Architecture",
+    "Checkpoint",
     "CheckpointError",
     "Conversion",
+    "DTYPES",
     "DroppedKey",
+    "LoadReport",
+    "SaveReport",
+    "WeightsSource",
+    "atomic_write",
+    "compare_state_dicts",
     "convert",
     "detect_layout",
     "from_native",
     "infer_architecture",
-    "to_native",
-    "CONVERT_TARGETS",
-    "DTYPES",
-    "CheckpointInfo",
-    "ConvertReport",
-    "LoadReport",
-    "SaveReport",
-    "WeightsSource",
-    "convert_checkpoint",
-    "inspect_checkpoint",
+    "load_state_dict_strict",
     "load_weights",
     "read_checkpoint",
     "save_weights",
+    "to_native",
 ]

@@ -1,7 +1,8 @@
-"""PVTv2 checkpoint key layouts and lossless conversion between them: pure functions over state dicts.
+"""PVTv2 checkpoint key layouts and lossless conversion between them: the tables and pure functions over dicts.
 
-No model and no file I/O here: every function takes a ``Mapping[str, Tensor]`` (or a nested checkpoint dict) and
-returns new dicts plus typed reports. ``pvt_backbone.weights`` does the reading, loading and saving.
+No model, no file I/O and no guessing here: every function takes a ``Mapping[str, Tensor]`` (or a nested checkpoint
+dict) in a named layout and returns new dicts plus typed reports. ``pvt_backbone.weights.detect`` finds the layout and
+prefix of an unknown checkpoint (``to_native(layout="auto")``); ``pvt_backbone.weights`` reads, loads and saves.
 
 The native layout is timm's ``pvt_v2`` key layout (our module names), so ``"native"`` and ``"timm"`` are one layout.
 Every layout is one literal ``Layout`` row below: where its scopes live, and the few modules whose name or tensor
@@ -23,18 +24,23 @@ layout             keys                                                         
 ``lucid``          timm keys with the head as ``classifier.*``                                         334
 =================  ==================================================================================  =====
 
+Tensors keep their layout everywhere: a Linear weight is ``(out, in)``, a conv weight ``(out, in, k, k)``; ``kv`` is
+``(2C, C)`` with the key rows first; mmdet's fused ``in_proj_weight`` is ``(3C, C)`` = [q; k; v] rows.
+
 Example:
-    >>> hf = from_native(state_dict, "hf").state_dict           # state_dict: a native b2 classifier state dict
-    >>> tuple(hf["pvt_v2.encoder.layers.0.blocks.0.attention.key.weight"].shape)
-    (64, 64)
-    >>> back = to_native(hf)                                      # layout detected from sentinel keys
-    >>> back.layout, all(torch.equal(back.state_dict[k], v) for k, v in state_dict.items())
+    >>> native = build_classifier("b0").state_dict()               # our classifier: native keys, 1000-class head
+    >>> hf = from_native(native, "hf").state_dict
+    >>> tuple(hf["pvt_v2.encoder.layers.0.blocks.0.attention.key.weight"].shape)  # rows [0:C] of attn.kv
+    (32, 32)
+    >>> back = map_to_native(hf, "hf")
+    >>> back.layout, back.state_dict.keys() == native.keys()
     ('hf', True)
+    >>> all(torch.equal(back.state_dict[k], v) for k, v in native.items())
+    True
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -45,24 +51,24 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from ..config import NUM_STAGES, VARIANTS
+from ..config import NUM_STAGES
 
 __all__ = [
     "CheckpointError",
+    "SHOWN",
     "Op",
     "Rule",
     "Layout",
     "LAYOUTS",
     "NATIVE",
+    "get_layout",
     "DroppedKey",
+    "dropped_lines",
     "Conversion",
-    "Architecture",
-    "detect_layout",
+    "scope_kind",
     "unwrap_checkpoint",
-    "to_native",
+    "map_to_native",
     "from_native",
-    "convert",
-    "infer_architecture",
     "split_head",
     "keep_stages",
     "stage_of",
@@ -72,6 +78,8 @@ __all__ = [
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, recognised, converted or loaded; the message says why."""
 
+
+SHOWN = 5  # offending keys listed per category in a message
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The rule tables
@@ -105,9 +113,9 @@ def _rule(kind: str, native: str | tuple[str, ...], layout: str | tuple[str, ...
     return Rule(kind, as_tuple(native), as_tuple(layout), op)
 
 
-PARAMS = ("weight", "bias")
+_PARAMS = ("weight", "bias")
 # Native module names inside each scope kind ("" = the scope itself is the module).
-NATIVE_MODULES: dict[str, tuple[str, ...]] = {
+_NATIVE_MODULES: dict[str, tuple[str, ...]] = {
     "embed": ("proj", "norm"),
     "block": (
         "norm1",
@@ -233,18 +241,6 @@ LAYOUTS: dict[str, Layout] = {
 }
 NATIVE = "timm"
 _ALIASES = {"native": NATIVE}
-
-# SegFormer's MiT encoder shares PVTv2's key names (same embeds, SRA, depthwise-conv MLP) but uses MLP ratio 4 in every
-# stage, so only the shapes tell them apart; MiT-b5 is shape-identical to PVTv2-b5.
-_MIT_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "b0": ((32, 64, 160, 256), (2, 2, 2, 2)),
-    "b1": ((64, 128, 320, 512), (2, 2, 2, 2)),
-    "b2": ((64, 128, 320, 512), (3, 4, 6, 3)),
-    "b3": ((64, 128, 320, 512), (3, 4, 18, 3)),
-    "b4": ((64, 128, 320, 512), (3, 8, 27, 3)),
-    "b5": ((64, 128, 320, 512), (3, 6, 40, 3)),
-}
-_V1_KEY = re.compile(r"(^|\.)(pos_embed\d*|cls_token)(\.|$)")
 _CONTAINERS = ("state_dict", "model", "module", "model_state_dict", "state_dict_ema", "model_ema", "ema")
 
 
@@ -269,6 +265,22 @@ class DroppedKey:
     reason: str
 
 
+def dropped_lines(dropped: Iterable[DroppedKey]) -> list[str]:
+    """Dropped entries grouped by reason, one indented line each: ``  dropped 2 (reason): a, b``.
+
+    Example:
+        >>> dropped_lines([DroppedKey("head.weight", "no head"), DroppedKey("head.bias", "no head")])
+        ['  dropped 2 (no head): head.weight, head.bias']
+    """
+    by_reason: dict[str, list[str]] = {}
+    for item in dropped:
+        by_reason.setdefault(item.reason, []).append(item.key)
+    return [
+        f"  dropped {len(keys)} ({reason}): {', '.join(keys[:SHOWN])}" + (" ..." if len(keys) > SHOWN else "")
+        for reason, keys in by_reason.items()
+    ]
+
+
 @dataclass(frozen=True)
 class Conversion:
     """The result of a conversion: the new state dict and everything that happened on the way."""
@@ -281,59 +293,11 @@ class Conversion:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """What the shapes of a native state dict say about the model that wrote it (``num_heads`` is not recoverable).
-
-    ``variants`` lists the PVTv2 table entries consistent with the shapes (exactly one for a full checkpoint; a pruned
-    backbone with fewer stages may fit several). ``lookalike`` names a different model with the same key names.
-    """
-
-    embed_dims: tuple[int, ...]
-    depths: tuple[int, ...]
-    mlp_ratios: tuple[float, ...]
-    sr_ratios: tuple[int, ...]
-    linear: bool
-    in_channels: int
-    num_classes: int  # 0: no classifier head
-    num_params: int
-    variants: tuple[str, ...]
-    lookalike: str | None = None
-
-    @property
-    def variant(self) -> str | None:
-        """The one PVTv2 variant these weights fit, or None."""
-        return self.variants[0] if len(self.variants) == 1 else None
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.embed_dims)
-
-    def describe(self) -> str:
-        """One line, e.g. ``PVTv2-b2 (embed dims 64/128/320/512, depths 3/4/6/3, ..., 25,362,856 parameters)``."""
-        if self.lookalike and not self.variants:
-            name = f"{self.lookalike}, not a PVTv2 variant"
-        elif not self.variants:
-            name = "a custom PVTv2 configuration (no table variant)"
-        elif self.num_stages < NUM_STAGES:
-            name = f"stages 0-{self.num_stages - 1} of PVTv2-{' or '.join(self.variants)}"
-        else:
-            name = f"PVTv2-{self.variants[0]}" + (f" (shape-identical to {self.lookalike})" if self.lookalike else "")
-        join = lambda values: "/".join(f"{v:g}" for v in values)  # noqa: E731
-        sr = "linear SRA" if self.linear else f"SR ratios {join(self.sr_ratios)}"
-        head = f"{self.num_classes}-class head" if self.num_classes else "no head"
-        channels = f", {self.in_channels} input channels" if self.in_channels != 3 else ""
-        return (
-            f"{name} (embed dims {join(self.embed_dims)}, depths {join(self.depths)}, MLP ratios "
-            f"{join(self.mlp_ratios)}, {sr}, {head}{channels}, {self.num_params:,} parameters)"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Parsing keys of a layout
 # ---------------------------------------------------------------------------------------------------------------------
 
-Scope = tuple[str, int, int]  # (kind, stage, block); block = -1 outside blocks
+_Scope = tuple[str, int, int]  # (kind, stage, block); block = -1 outside blocks
 
 
 def _param_key(module: str, param: str) -> str:
@@ -348,10 +312,10 @@ def _rules(layout_name: str, kind: str) -> tuple[Rule, ...]:
     layout = LAYOUTS[layout_name]
     own = tuple(rule for rule in layout.rules if rule.kind == kind)
     covered = {name for rule in own for name in rule.native}
-    unknown = covered - set(NATIVE_MODULES[kind])
+    unknown = covered - set(_NATIVE_MODULES[kind])
     assert not unknown, f"layout {layout_name} names unknown native modules {unknown}"
-    same = tuple(Rule(kind, (name,), (name,)) for name in NATIVE_MODULES[kind] if name not in covered)
-    order = NATIVE_MODULES[kind].index
+    same = tuple(Rule(kind, (name,), (name,)) for name in _NATIVE_MODULES[kind] if name not in covered)
+    order = _NATIVE_MODULES[kind].index
     rules = tuple(sorted(own + same, key=lambda rule: order(rule.native[0])))  # native module order
     layout_names = [name for rule in rules for name in rule.layout]
     assert len(layout_names) == len(set(layout_names)), f"layout {layout_name}: a {kind} module is mapped twice"
@@ -364,7 +328,7 @@ def _leaves(layout_name: str, kind: str) -> dict[str, tuple[str, str]]:
     leaves = {}
     for rule in _rules(layout_name, kind):
         for module in rule.layout:
-            for param in PARAMS:
+            for param in _PARAMS:
                 leaves[_param_key(module, param)] = (module, param)
     return leaves
 
@@ -391,7 +355,7 @@ def _scopes(layout_name: str) -> tuple[tuple[str, re.Pattern[str], bool], ...]:
     return tuple(scopes)
 
 
-def _parse(layout_name: str, key: str) -> tuple[Scope, str, str] | None:
+def _parse(layout_name: str, key: str) -> tuple[_Scope, str, str] | None:
     """Key -> ((kind, stage, block), module, param) under the layout's scopes and names, or None if no rule maps it."""
     for kind, regex, is_stem in _scopes(layout_name):
         match = regex.match(key)
@@ -413,7 +377,19 @@ def _parse(layout_name: str, key: str) -> tuple[Scope, str, str] | None:
     return None
 
 
-def _scope_prefix(layout: Layout, scope: Scope) -> str:
+def scope_kind(layout_name: str, key: str) -> str | None:
+    """The scope kind (``"embed"``, ``"block"``, ``"norm"``, ``"head"``) of a key of the layout, or None if no rule
+    maps it.
+
+    Example:
+        >>> scope_kind("pvt", "block2.0.mlp.dwconv.dwconv.weight"), scope_kind("timm", "block2.0.mlp.fc1.weight")
+        ('block', None)
+    """
+    parsed = _parse(get_layout(layout_name).name, key)
+    return None if parsed is None else parsed[0][0]
+
+
+def _scope_prefix(layout: Layout, scope: _Scope) -> str:
     kind, stage, block = scope
     if kind == "head":
         assert layout.head is not None
@@ -478,16 +454,16 @@ _VERBS = {
 
 
 def _map_groups(
-    groups: Mapping[Scope, Mapping[tuple[str, str], Tensor]], src: Layout, dst: Layout, *, to_native: bool
+    groups: Mapping[_Scope, Mapping[tuple[str, str], Tensor]], src: Layout, dst: Layout, *, to_native: bool
 ) -> tuple[dict[str, Tensor], list[str]]:
     """Apply the rules of ``src`` (to native) or ``dst`` (from native) to every scope; returns (state dict, notes)."""
     layout = src if to_native else dst
     out: dict[str, Tensor] = {}
-    applied: dict[Rule, set[Scope]] = defaultdict(set)
+    applied: dict[Rule, set[_Scope]] = defaultdict(set)
     problems: list[str] = []
     for scope, leaves in groups.items():
         for rule in _rules(layout.name, scope[0]):
-            for param in PARAMS:
+            for param in _PARAMS:
                 names_in = rule.layout if to_native else rule.native
                 names_out = rule.native if to_native else rule.layout
                 present = [(module, param) in leaves for module in names_in]
@@ -505,7 +481,7 @@ def _map_groups(
                 if rule.op is not Op.SAME:
                     applied[rule].add(scope)
     if problems:
-        raise CheckpointError(f"incomplete {src.name} checkpoint: " + "; ".join(problems[:5]))
+        raise CheckpointError(f"incomplete {src.name} checkpoint: " + "; ".join(problems[:SHOWN]))
     notes = []
     show = lambda names: " + ".join(name + "*" if name.endswith("_") else name for name in names)  # noqa: E731
     for rule, scopes in applied.items():
@@ -516,7 +492,7 @@ def _map_groups(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Containers, prefixes, detection
+# Containers and the conversions
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -555,164 +531,54 @@ def unwrap_checkpoint(checkpoint: Mapping[str, object]) -> tuple[dict[str, Tenso
     return tensors, path, tuple(dropped)
 
 
-def _candidates(keys: Iterable[str], layout_names: Iterable[str]) -> dict[tuple[str, str], None]:
-    """(layout, prefix) pairs whose sentinel key occurs, behind any dot-terminated prefix."""
-    found: dict[tuple[str, str], None] = {}
-    key_set = set(keys)
-    for name in layout_names:
-        layout = LAYOUTS[name]
-        for key in key_set:
-            if key == layout.sentinel or key.endswith("." + layout.sentinel):
-                prefix = key[: len(key) - len(layout.sentinel)]
-                if layout.model_prefix and prefix.endswith(layout.model_prefix):
-                    prefix = prefix[: len(prefix) - len(layout.model_prefix)]
-                found[(name, prefix)] = None
-    # timm and lucid share every body key (lucid's head is "classifier.", timm's "head."): when both match under one
-    # prefix, the head decides, and a headless file counts as timm. A single requested layout is kept as found.
-    for name, prefix in list(found):
-        if name == "timm" and ("lucid", prefix) in found:
-            is_lucid = f"{prefix}classifier.weight" in key_set and f"{prefix}head.weight" not in key_set
-            found.pop(("timm" if is_lucid else "lucid", prefix))
-    return found
-
-
-def _reject_lookalikes(keys: Iterable[str]) -> None:
-    v1 = sorted({match.group(2) for key in keys if (match := _V1_KEY.search(key))})
-    if v1:
-        raise CheckpointError(
-            f"this is a PVT v1 checkpoint, not PVTv2: it has {', '.join(v1[:4])} (absolute position embeddings and a "
-            "class token). PVTv2 has neither and adds a depthwise conv to every MLP, so v1 weights cannot be mapped; "
-            "use a PVTv2 file (e.g. the release pvt_v2_b2.pth or timm/pvt_v2_b2.in1k)"
-        )
-
-
-def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
-    """Layout and prefix of a flat state dict's keys, from sentinel keys.
-
-    Returns:
-        (layout name, prefix in front of the layout's keys, ``""`` if none), e.g. ``("mmdet", "backbone.")``.
-
-    Raises:
-        CheckpointError: PVT v1 keys, no known layout, or several layouts/prefixes at once.
-    """
-    keys = list(keys)
-    _reject_lookalikes(keys)
-    found = list(_candidates(keys, LAYOUTS))
-    if len(found) == 1:
-        return found[0]
-    if found:
-        listed = ", ".join(f"{name} under {prefix!r}" for name, prefix in found)
-        raise CheckpointError(f"the checkpoint holds several PVTv2 weight sets ({listed}); pass prefix= to pick one")
-    hint = ""
-    if any(key.startswith(("segformer.", "encoder.block.")) or ".encoder.block." in key for key in keys):
-        hint = " It looks like a transformers SegFormer checkpoint, which is not PVTv2."
-    sentinels = ", ".join(f"{layout.name}: {layout.sentinel!r}" for layout in LAYOUTS.values())
-    shown = ", ".join(repr(key) for key in keys[:5])
-    raise CheckpointError(
-        f"not a PVTv2 checkpoint in any known layout: none of the sentinel keys ({sentinels}) occurs, with or without "
-        f"a prefix. First keys: {shown} ({len(keys)} in all).{hint}"
-    )
-
-
-def _looks_like_body_key(layout_name: str, key: str) -> bool:
-    """Whether some dot-suffix of ``key`` is a non-head key of the layout (to catch mixed prefixes)."""
-    parts = key.split(".")
-    for start in range(len(parts)):
-        parsed = _parse(layout_name, ".".join(parts[start:]))
-        if parsed is not None and parsed[0][0] != "head":
-            return True
-    return False
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Public conversions
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def to_native(checkpoint: Mapping[str, object], *, layout: str = "auto", prefix: str | None = None) -> Conversion:
-    """Any PVTv2 checkpoint dict -> native (timm) state dict, losslessly.
-
-    Unwraps containers, finds the layout from sentinel keys (or uses ``layout``), strips the prefix in front of it
-    (``module.``, ``backbone.``, ``backbone.body.``, ... or ``prefix`` if given) and maps every key by the layout's
-    rule table. Entries outside the prefix (a detector's neck and heads) are dropped and reported; a key under the
-    prefix that no rule maps is an error, as are PVTv2-looking keys outside it (mixed prefixes).
-
-    Args:
-        checkpoint: a flat ``name -> Tensor`` dict or a nested checkpoint (``{"state_dict": ..., "meta": ...}``).
-        layout: ``"auto"`` or one of ``LAYOUTS`` (``"native"`` = ``"timm"``).
-        prefix: the exact prefix of the PVTv2 keys; default: found from the sentinel key.
-
-    Returns:
-        ``Conversion`` with native keys; tensors keep their dtype; ``layout`` is the source layout.
-    """
-    explicit_prefix = prefix is not None
-    flat, container, dropped_list = unwrap_checkpoint(checkpoint)
-    dropped = list(dropped_list)
-    _reject_lookalikes(flat)
-    if layout == "auto" and prefix is None:
-        name, prefix = detect_layout(flat)
-    else:
-        name = get_layout(layout).name if layout != "auto" else ""
-        pool = [name] if name else list(LAYOUTS)
-        found = [(n, p) for n, p in _candidates(flat, pool) if prefix is None or p == prefix]
-        if not found and prefix is not None and name:
-            found = [(name, prefix)]
-        if len(found) != 1:
-            what = f"{name} keys" if name else "PVTv2 keys"
-            where = f" under prefix {prefix!r}" if prefix is not None else ""
-            # name what is there, so a wrong --from or prefix can be corrected from the message alone
-            present = found or list(_candidates(flat, LAYOUTS))
-            listing = ", ".join(f"{n} under {p!r}" for n, p in present)
-            options = f": found {listing}" if present else ": it holds no PVTv2 layout this package knows"
-            raise CheckpointError(f"cannot find exactly one set of {what}{where} in the checkpoint{options}")
-        name, prefix = found[0]
-    source = LAYOUTS[name]
-
-    body: dict[str, Tensor] = {}
-    for key, tensor in flat.items():
-        if key.startswith(prefix):
-            body[key[len(prefix) :]] = tensor
-        elif not explicit_prefix and _looks_like_body_key(name, key):
-            raise CheckpointError(
-                f"mixed prefixes: the {name} keys sit under {prefix!r} but {key!r} looks like one without it; "
-                "pass prefix= to pick one set"
-            )
-        else:
-            reason = f"outside the PVTv2 weights (prefix {prefix!r})" if prefix else "not a PVTv2 key"
-            dropped.append(DroppedKey(key, reason))
-    if not body:
-        present = ", ".join(f"{n} under {p!r}" for n, p in _candidates(flat, LAYOUTS)) or "no PVTv2 layout"
-        raise CheckpointError(f"no key of the checkpoint starts with the prefix {prefix!r}; it holds {present}")
-    if source.model_prefix:
-        stripped = {
-            k[len(source.model_prefix) :] if k.startswith(source.model_prefix) else k: v for k, v in body.items()
-        }
-        if len(stripped) != len(body):
-            raise CheckpointError(f"the {name} keys appear both with and without {source.model_prefix!r}")
-        body = stripped
-
-    groups: dict[Scope, dict[tuple[str, str], Tensor]] = defaultdict(dict)
+def _group(
+    layout_name: str, state_dict: Mapping[str, Tensor]
+) -> tuple[dict[_Scope, dict[tuple[str, str], Tensor]], list[str]]:
+    """Keys of one layout -> (tensors grouped by scope as ``{(module, param): tensor}``, keys no rule maps)."""
+    groups: dict[_Scope, dict[tuple[str, str], Tensor]] = defaultdict(dict)
     unmapped = []
-    for key, tensor in body.items():
-        parsed = _parse(name, key)
+    for key, tensor in state_dict.items():
+        parsed = _parse(layout_name, key)
         if parsed is None:
-            unmapped.append(prefix + key)
+            unmapped.append(key)
         else:
             scope, module, param = parsed
             groups[scope][(module, param)] = tensor
+    return groups, unmapped
+
+
+def _strip_model_prefix(state_dict: Mapping[str, Tensor], layout: Layout) -> dict[str, Tensor]:
+    """Remove the layout's ``model_prefix`` (HF's ``pvt_v2.``, present with a head) from the keys that carry it."""
+    if not layout.model_prefix:
+        return dict(state_dict)
+    stripped = {key.removeprefix(layout.model_prefix): tensor for key, tensor in state_dict.items()}
+    if len(stripped) != len(state_dict):
+        raise CheckpointError(f"the {layout.name} keys appear both with and without {layout.model_prefix!r}")
+    return stripped
+
+
+def map_to_native(state_dict: Mapping[str, Tensor], layout: str, *, prefix: str = "") -> Conversion:
+    """Flat keys of ``layout`` (any file prefix already removed) -> native (timm) state dict, losslessly.
+
+    The layout's ``model_prefix`` is removed where present. ``prefix`` names where the keys sat in the file, for the
+    report and the messages. ``pvt_backbone.weights.detect.to_native`` finds layout and prefix and then calls this.
+
+    Returns:
+        ``Conversion`` with native keys; tensors keep their dtype; ``layout`` is the source layout.
+
+    Raises:
+        CheckpointError: a key no rule of the layout maps, or one half of a split/fused pair without the other.
+    """
+    source = get_layout(layout)
+    groups, unmapped = _group(source.name, _strip_model_prefix(state_dict, source))
     if unmapped:
-        shown = ", ".join(repr(k) for k in unmapped[:5]) + (" ..." if len(unmapped) > 5 else "")
-        if any(_looks_like_body_key(name, key) for key in unmapped):
-            raise CheckpointError(
-                f"mixed prefixes: the {name} keys sit under {prefix!r} but {len(unmapped)} carry another prefix: "
-                f"{shown}; pass prefix= to pick one set"
-            )
+        shown = ", ".join(repr(prefix + k) for k in unmapped[:SHOWN]) + (" ..." if len(unmapped) > SHOWN else "")
         where = f"under {prefix!r}" if prefix else "at the top level"
-        raise CheckpointError(f"{len(unmapped)} key(s) {where} match no rule of the {name} layout: {shown}")
-    state_dict, notes = _map_groups(groups, source, LAYOUTS[NATIVE], to_native=True)
+        raise CheckpointError(f"{len(unmapped)} key(s) {where} match no rule of the {source.name} layout: {shown}")
+    native, notes = _map_groups(groups, source, LAYOUTS[NATIVE], to_native=True)
     if prefix:
         notes.insert(0, f"stripped prefix {prefix!r}")
-    return Conversion(state_dict, name, prefix, container, tuple(dropped), tuple(notes))
+    return Conversion(native, source.name, prefix, notes=tuple(notes))
 
 
 def from_native(state_dict: Mapping[str, Tensor], layout: str) -> Conversion:
@@ -724,19 +590,10 @@ def from_native(state_dict: Mapping[str, Tensor], layout: str) -> Conversion:
         CheckpointError: a key that is not native; b2_li (linear SRA) into ``mmdet``, which cannot express it.
     """
     target = get_layout(layout)
-    native = LAYOUTS[NATIVE]
-    groups: dict[Scope, dict[tuple[str, str], Tensor]] = defaultdict(dict)
-    unmapped = []
-    for key, tensor in state_dict.items():
-        parsed = _parse(NATIVE, key)
-        if parsed is None:
-            unmapped.append(key)
-        else:
-            groups[parsed[0]][(parsed[1], parsed[2])] = tensor
+    groups, unmapped = _group(NATIVE, state_dict)
     if unmapped:
-        raise CheckpointError(
-            f"{len(unmapped)} key(s) are not native PVTv2 keys: {', '.join(repr(k) for k in unmapped[:5])}"
-        )
+        shown = ", ".join(repr(k) for k in unmapped[:SHOWN])
+        raise CheckpointError(f"{len(unmapped)} key(s) are not native PVTv2 keys: {shown}")
     dropped = []
     if target.head is None:
         for scope in [scope for scope in groups if scope[0] == "head"]:
@@ -753,24 +610,11 @@ def from_native(state_dict: Mapping[str, Tensor], layout: str) -> Conversion:
         raise CheckpointError(
             "mmdet's PyramidVisionTransformerV2 has no linear SRA, so b2_li weights cannot be exported to it"
         )
-    out, notes = _map_groups(groups, native, target, to_native=False)
+    out, notes = _map_groups(groups, LAYOUTS[NATIVE], target, to_native=False)
     if target.model_prefix and target.head is not None and any(scope[0] == "head" for scope in groups):
         head = target.head
         out = {key if key.startswith(head) else target.model_prefix + key: tensor for key, tensor in out.items()}
     return Conversion(out, target.name, dropped=tuple(dropped), notes=tuple(notes))
-
-
-def convert(checkpoint: Mapping[str, object], *, src: str = "auto", dst: str) -> Conversion:
-    """Any layout -> any layout via native; ``dropped`` and ``notes`` cover both steps."""
-    first = to_native(checkpoint, layout=src)
-    second = from_native(first.state_dict, dst)
-    return dataclasses.replace(
-        second,
-        prefix=first.prefix,
-        container=first.container,
-        dropped=first.dropped + second.dropped,
-        notes=first.notes + second.notes,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -807,62 +651,3 @@ def keep_stages(state_dict: Mapping[str, Tensor], num_stages: int) -> tuple[dict
         else:
             kept[key] = tensor
     return kept, tuple(dropped)
-
-
-def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
-    """Dims, depths, MLP ratios, SR ratios, linear flag, head size and matching variants of a native state dict.
-
-    Raises:
-        CheckpointError: a key needed for the inference is missing or stages are not contiguous from 0.
-    """
-
-    def get(key: str) -> Tensor:
-        if key not in state_dict:
-            raise CheckpointError(f"cannot infer the architecture: {key!r} is missing")
-        return state_dict[key]
-
-    stages = sorted({stage for key in state_dict if (stage := stage_of(key)) is not None})
-    if not stages or stages != list(range(len(stages))):
-        raise CheckpointError(f"cannot infer the architecture: stages present are {stages}, expected 0, 1, ...")
-    dims, depths, ratios, srs, linear = [], [], [], [], False
-    for stage in stages:
-        embed = "patch_embed." if stage == 0 else f"stages.{stage}.downsample."
-        dim = get(embed + "proj.weight").shape[0]
-        blocks = {int(k.split(".")[3]) for k in state_dict if k.startswith(f"stages.{stage}.blocks.")}
-        if blocks != set(range(len(blocks))) or not blocks:
-            raise CheckpointError(f"cannot infer the architecture: stage {stage} has blocks {sorted(blocks)}")
-        hidden = get(f"stages.{stage}.blocks.0.mlp.fc1.weight").shape[0]
-        sr = state_dict.get(f"stages.{stage}.blocks.0.attn.sr.weight")
-        kernel = 1 if sr is None else sr.shape[-1]
-        linear = linear or (sr is not None and kernel == 1)
-        dims.append(dim)
-        depths.append(len(blocks))
-        ratios.append(hidden / dim)
-        srs.append(kernel)
-    embed_dims, mlp_ratios, n = tuple(dims), tuple(ratios), len(stages)
-    variants = tuple(
-        name
-        for name, config in VARIANTS.items()
-        if config.embed_dims[:n] == embed_dims
-        and config.depths[:n] == tuple(depths)
-        and tuple(map(float, config.mlp_ratios[:n])) == mlp_ratios
-        and config.linear == linear
-        and (linear or config.sr_ratios[:n] == tuple(srs))
-    )
-    lookalike = None
-    if n == NUM_STAGES and not linear and mlp_ratios == (4.0,) * NUM_STAGES:
-        mit = [name for name, (d, dep) in _MIT_VARIANTS.items() if d == embed_dims and dep == tuple(depths)]
-        lookalike = f"SegFormer MiT-{mit[0]}" if mit else None
-    head = state_dict.get("head.weight")
-    return Architecture(
-        embed_dims=embed_dims,
-        depths=tuple(depths),
-        mlp_ratios=mlp_ratios,
-        sr_ratios=tuple(srs),
-        linear=linear,
-        in_channels=get("patch_embed.proj.weight").shape[1],
-        num_classes=0 if head is None else head.shape[0],
-        num_params=sum(t.numel() for t in state_dict.values()),
-        variants=variants,
-        lookalike=lookalike,
-    )

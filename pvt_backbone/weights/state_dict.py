@@ -7,11 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .layouts import CheckpointError
+from .layouts import SHOWN, CheckpointError
 
-__all__ = ["StateDictDiff", "compare_state_dicts", "load_state_dict_strict", "SHOWN"]
-
-SHOWN = 5  # offending keys listed per category in an error message
+__all__ = ["StateDictDiff", "compare_state_dicts", "load_state_dict_strict"]
 
 
 @dataclass(frozen=True)

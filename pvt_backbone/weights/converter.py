@@ -1,0 +1,206 @@
+"""Inspecting and converting checkpoint files: what the ``pvt-convert`` command prints and does.
+
+This is the one weights module that builds a model (``PVTv2Backbone`` on the meta device, to check a file against a
+variant's exact keys and shapes), so ``pvt_backbone.weights`` does not import it: ``pvt_backbone.backbone`` imports
+that package.
+
+Example:
+    >>> save_weights(pvt_v2_b0(), "b0.safetensors").num_tensors
+    178
+    >>> info = inspect_checkpoint("b0.safetensors", variant="b0")
+    >>> info.layout, info.architecture.variant, info.architecture.num_classes, info.dtypes
+    ('timm', 'b0', 1000, ('float32',))
+    >>> report = convert_checkpoint("b0.safetensors", "b0_mmdet.safetensors", to="mmdet", dtype="float16")
+    >>> report.written.layout, report.written.num_tensors, sorted({d.key for d in report.dropped})
+    ('mmdet', 160, ['head.bias', 'head.weight'])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..backbone import PVTv2Backbone
+from ..config import VARIANTS
+from .detect import Architecture, infer_architecture, to_native
+from .io import Checkpoint, WeightsSource, read_checkpoint
+from .layouts import (
+    LAYOUTS,
+    NATIVE,
+    CheckpointError,
+    DroppedKey,
+    dropped_lines,
+    get_layout,
+    split_head,
+    unwrap_checkpoint,
+)
+from .save import SaveReport, write_safetensors
+from .state_dict import compare_state_dicts
+
+__all__ = ["CONVERT_TARGETS", "CheckpointInfo", "ConvertReport", "inspect_checkpoint", "convert_checkpoint"]
+
+CONVERT_TARGETS = ("backbone", "classifier", *LAYOUTS)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's layout, architecture and provenance, as ``inspect_checkpoint`` finds them."""
+
+    source: str
+    sha256: str | None
+    layout: str
+    prefix: str
+    container: str
+    architecture: Architecture
+    file_tensors: int  # tensors in the file (or under its container), before mapping
+    num_tensors: int  # native tensors after mapping (key/value pairs joined, neck and heads dropped)
+    dtypes: tuple[str, ...]
+    dropped: tuple[DroppedKey, ...]
+    notes: tuple[str, ...]
+    metadata: Mapping[str, str]
+
+    def format(self) -> str:
+        """One ``label: value`` line per fact (file, sha256, layout, variant, parameters, head, shapes, metadata)."""
+        arch = self.architecture
+        lines = [
+            f"file:       {self.source}",
+            f"sha256:     {self.sha256 or '-'}",
+            f"layout:     {self.layout}"
+            + (f" under prefix {self.prefix!r}" if self.prefix else "")
+            + (f" in {self.container}" if self.container else ""),
+            f"variant:    {arch.variant or ('/'.join(arch.variants) if arch.variants else 'none')}"
+            + (f" (lookalike: {arch.lookalike})" if arch.lookalike else ""),
+            f"parameters: {arch.num_params:,} in {self.num_tensors} native tensors ({', '.join(self.dtypes)}; "
+            f"{self.file_tensors} tensors in the file)",
+            f"head:       {arch.num_classes} classes" if arch.num_classes else "head:       none (backbone weights)",
+            f"shapes:     {arch.describe()}",
+        ]
+        lines += [f"metadata:   {key} = {value}" for key, value in self.metadata.items()]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines + dropped_lines(self.dropped))
+
+
+def _check_variant(native: Mapping[str, Tensor], variant: str, architecture: Architecture) -> None:
+    """Raise unless every native tensor has exactly the key and shape our ``variant`` model has."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    _, head = split_head(native)
+    with torch.device("meta"):  # keys and shapes only: no memory, no init
+        model = PVTv2Backbone(variant, out_indices=(architecture.num_stages - 1,), in_channels=architecture.in_channels)
+    expected = dict(model.state_dict())
+    if head:
+        expected["head.weight"] = torch.empty(architecture.num_classes, VARIANTS[variant].embed_dims[-1], device="meta")
+        expected["head.bias"] = torch.empty(architecture.num_classes, device="meta")
+    comparison = compare_state_dicts(native, expected)
+    if comparison:
+        raise CheckpointError(
+            "\n".join(
+                [f"the checkpoint is not PVTv2-{variant}; it holds {architecture.describe()}", *comparison.lines()]
+            )
+        )
+
+
+def _inspect(
+    source: WeightsSource, *, layout: str, prefix: str | None, variant: str | None, trust_pickle: bool
+) -> tuple[CheckpointInfo, Checkpoint, dict[str, Tensor]]:
+    """(the info, the checkpoint as read, its native state dict)."""
+    checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
+    conversion = to_native(checkpoint.content, layout=layout, prefix=prefix)
+    file_tensors = len(unwrap_checkpoint(checkpoint.content)[0])
+    architecture = infer_architecture(conversion.state_dict)
+    if variant is not None:
+        _check_variant(conversion.state_dict, variant, architecture)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in conversion.state_dict.values()})
+    info = CheckpointInfo(
+        **checkpoint.provenance(conversion),
+        architecture=architecture,
+        file_tensors=file_tensors,
+        num_tensors=len(conversion.state_dict),
+        dtypes=tuple(dtypes),
+        dropped=conversion.dropped,
+        notes=conversion.notes,
+    )
+    return info, checkpoint, conversion.state_dict
+
+
+def inspect_checkpoint(
+    source: WeightsSource,
+    *,
+    layout: str = "auto",
+    prefix: str | None = None,
+    variant: str | None = None,
+    trust_pickle: bool = False,
+) -> CheckpointInfo:
+    """Read a checkpoint, find its layout and infer its architecture without building a model.
+
+    ``variant`` additionally checks that every tensor matches that variant's keys and shapes.
+
+    Raises:
+        CheckpointError: unreadable file, unknown layout, PVT v1, or (with ``variant``) a shape mismatch.
+    """
+    return _inspect(source, layout=layout, prefix=prefix, variant=variant, trust_pickle=trust_pickle)[0]
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """``convert_checkpoint``'s account: what was read and what was written."""
+
+    read: CheckpointInfo
+    written: SaveReport
+    dropped: tuple[DroppedKey, ...]  # by the ``to`` choice (head for a backbone) and by the target layout
+
+    def format(self) -> str:
+        """A ``read ...`` and a ``wrote ...`` line, each followed by its notes and dropped entries."""
+        info, out = self.read, self.written
+        lines = [
+            f"read  {info.source}: layout {info.layout}"
+            + (f" under prefix {info.prefix!r}" if info.prefix else "")
+            + f", {info.file_tensors} tensors -> {info.num_tensors} native, {info.architecture.describe()}"
+        ]
+        lines += [f"  note: {note}" for note in info.notes]
+        lines += dropped_lines(info.dropped)
+        lines.append(f"wrote {out.path}: layout {out.layout}, {out.num_tensors} tensors, variant {out.variant}")
+        lines += [f"  note: {note}" for note in out.notes]
+        lines += dropped_lines(self.dropped)
+        return "\n".join(lines)
+
+
+def convert_checkpoint(
+    source: WeightsSource,
+    output: str | os.PathLike,
+    *,
+    from_layout: str = "auto",
+    to: str = "backbone",
+    variant: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_pickle: bool = False,
+) -> ConvertReport:
+    """Convert a checkpoint file to ``output`` (``.safetensors``, written atomically) in another layout.
+
+    Args:
+        from_layout: the input's layout, ``"auto"`` (from sentinel keys) or one of ``LAYOUTS``.
+        to: ``backbone`` (native keys without a head), ``classifier`` (native keys with the head; the input must have
+            one), or a layout name (``timm``, ``timm_features``, ``pvt``, ``hf``, ``mmdet``, ``lucid``), which keeps
+            the head if the layout can hold it.
+        variant: require the weights to be exactly this variant (keys and shapes); default: inferred.
+        dtype: cast floating tensors of the output (``"float16"``, ``"bfloat16"``, ...).
+    """
+    if to not in CONVERT_TARGETS:
+        raise ValueError(f"unknown target {to!r}; expected one of {list(CONVERT_TARGETS)}")
+    info, checkpoint, native = _inspect(
+        source, layout=from_layout, prefix=None, variant=variant, trust_pickle=trust_pickle
+    )
+    body, head = split_head(native)
+    dropped: tuple[DroppedKey, ...] = ()
+    if to == "backbone":
+        native = body
+        dropped = tuple(DroppedKey(key, 'to="backbone" writes no classifier head') for key in head)
+    elif to == "classifier" and not head:
+        raise CheckpointError(f'{info.source} has no classifier head; to="classifier" needs one (use to="backbone")')
+    layout = NATIVE if to in ("backbone", "classifier") else get_layout(to).name
+    written = write_safetensors(native, output, layout=layout, dtype=dtype, source=checkpoint, variant=variant)
+    return ConvertReport(info, written, dropped + written.dropped)
