@@ -191,7 +191,7 @@ class MLPSegHead(nn.Module):
         """Maps (B, C_i, H_i, W_i), highest resolution first -> logits (B, num_classes, H_0, W_0)."""
         maps = _as_list(features, self.in_channels)
         size = maps[0].shape[-2:]
-        projected = [proj(x) if i == 0 else resize_bilinear(proj(x), size) for i, (proj, x) in enumerate(zip(self.proj, maps))]
+        projected = [resize_bilinear(proj(x), size) for proj, x in zip(self.proj, maps)]  # the first: no resize
         return self.classifier(self.dropout(self.fuse(torch.cat(projected, dim=1))))
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_co
 from .layers import Block, OverlapPatchEmbed, init_weights
 from .weights import WeightsSource, load_weights
 
-__all__ = ["PVTv2Backbone", "PVTv2Stage", "BackboneOptions"]
+__all__ = ["PVTv2Backbone", "PVTv2Trunk", "PVTv2Stage", "BackboneOptions"]
 
 
 class BackboneOptions(TypedDict, total=False):

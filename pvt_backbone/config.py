@@ -9,7 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["FeatureSpec", "PVTv2Config", "VARIANTS", "NUM_STAGES", "normalize_out_indices", "get_config"]
+__all__ = [
+    "FeatureSpec",
+    "PVTv2Config",
+    "VARIANTS",
+    "NUM_STAGES",
+    "PATCH_SIZES",
+    "PATCH_STRIDES",
+    "normalize_out_indices",
+    "get_config",
+    "stage_stride",
+    "stage_sizes",
+]
 
 NUM_STAGES = 4
 # Overlapping patch embeddings: a 7x7/4 stem, then a 3x3/2 conv in front of every later stage (padding k // 2).

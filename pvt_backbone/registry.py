@@ -44,11 +44,9 @@ from .backbone import PVTv2Backbone
 from .classifier import build_classifier
 from .config import VARIANTS
 from .segmentation import semantic_fpn_pvt_v2
-from .weights import WeightsSource, read_checkpoint
-from .weights.layouts import unwrap_checkpoint
-from .weights.state_dict import load_state_dict_strict
+from .weights import WeightsSource, load_model_weights
 
-__all__ = ["ModelEntry", "MODELS", "KINDS", "list_models", "create_model", "load_model_weights"]
+__all__ = ["ModelEntry", "MODELS", "KINDS", "list_models", "create_model"]
 
 Kind = Literal["backbone", "classifier", "detector", "segmenter"]
 KINDS: tuple[str, ...] = ("backbone", "classifier", "detector", "segmenter")
@@ -126,21 +124,3 @@ def create_model(name: str, *, weights: WeightsSource | None = None, **kwargs: A
         hint = f"; did you mean {' or '.join(close)}?" if close else "; see list_models()"
         raise ValueError(f"unknown model {name!r}{hint}")
     return entry.create(weights=weights, **kwargs)
-
-
-def load_model_weights(model: nn.Module, weights: WeightsSource, *, trust_pickle: bool = False) -> nn.Module:
-    """Load a whole model's state dict (file, ``hf-hub:`` path or dict) into ``model``; every key must match.
-
-    A failed load raises ``CheckpointError`` and leaves ``model`` untouched.
-
-    Example:
-        >>> model = create_model("semantic_fpn_pvt_v2_b0", num_classes=4)
-        >>> twin = create_model("semantic_fpn_pvt_v2_b0", num_classes=4, weights=model.state_dict())
-        >>> all((a == b).all() for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
-        True
-    """
-    checkpoint = read_checkpoint(weights, trust_pickle=trust_pickle)
-    state_dict, _, _ = unwrap_checkpoint(checkpoint.content)
-    hint = "weights= takes the whole model's state dict; backbone-only weights go in weights_backbone="
-    load_state_dict_strict(model, state_dict, source=checkpoint.source, hint=hint)
-    return model

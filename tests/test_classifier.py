@@ -5,7 +5,8 @@ import torch
 
 import pvt_backbone
 from heads import ClassificationHead
-from pvt_backbone import PVT_V2, VARIANTS, PVTv2, PVTv2Backbone, PVTv2Config, build_classifier
+from pvt_backbone import VARIANTS, PVTv2, PVTv2Backbone, PVTv2Config
+from pvt_backbone.classifier import PVT_V2, build_classifier
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config, build_classifier
+from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config
+from pvt_backbone.classifier import build_classifier
 from pvt_backbone.config import normalize_out_indices, stage_sizes
 
 # (classifier with 1000-class head, backbone) parameter counts from pvt-formats.md section 4.

@@ -16,10 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pvt_backbone import CheckpointError, PVTv2, PVTv2Backbone, PVTv2Config, from_native
+from pvt_backbone import CheckpointError, PVTv2, PVTv2Backbone, PVTv2Config
 from pvt_backbone.cli.convert import main
 from pvt_backbone.cli.convert import run as run_entry_point
 from pvt_backbone.cli.runner import run_command
+from pvt_backbone.weights import from_native
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "convert_weights.py"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pvt_backbone import PVTv2Backbone, PVTv2Config, build_classifier
+from pvt_backbone import PVTv2Backbone, PVTv2Config
+from pvt_backbone.classifier import build_classifier
 from pvt_backbone.export import (
     check_onnx_exportable,
     export_onnx,

@@ -9,7 +9,8 @@ import torch
 
 import pvt_backbone.fast_inference as fast_inference
 import pvt_backbone.layers as layers
-from pvt_backbone import PVTv2Backbone, PVTv2Config, build_classifier
+from pvt_backbone import PVTv2Backbone, PVTv2Config
+from pvt_backbone.classifier import build_classifier
 from pvt_backbone.fast_inference import applies, block_forward
 from pvt_backbone.layers import Block
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from pvt_backbone import PVTv2Config, build_classifier, param_groups
+from pvt_backbone import PVTv2Config
+from pvt_backbone.classifier import build_classifier
 from pvt_backbone.detection import fasterrcnn_pvt_v2_fpn
-from pvt_backbone.optim import NORM_TYPES
+from pvt_backbone.optim import NORM_TYPES, param_groups
 from pvt_backbone.segmentation import semantic_fpn_pvt_v2
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pvt_backbone import VARIANTS, PVTv2Backbone, build_classifier
+from pvt_backbone import VARIANTS, PVTv2Backbone
+from pvt_backbone.classifier import build_classifier
 
 timm = pytest.importorskip("timm")
 

@@ -9,9 +9,9 @@ from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCN
 
 from pvt_backbone import PVTv2, PVTv2Backbone, create_model, list_models
 from pvt_backbone.config import VARIANTS
-from pvt_backbone.registry import KINDS, MODELS, load_model_weights
+from pvt_backbone.registry import KINDS, MODELS
 from pvt_backbone.segmentation import PVTv2Segmenter
-from pvt_backbone.weights import CheckpointError
+from pvt_backbone.weights import CheckpointError, load_model_weights
 
 EXPECTED_CLASS = {
     "backbone": PVTv2Backbone,

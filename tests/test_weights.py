@@ -22,12 +22,11 @@ from pvt_backbone import (
     PVTv2Backbone,
     PVTv2Config,
     __version__,
-    from_native,
     load_weights,
     pvt_v2_b0,
-    read_checkpoint,
     save_weights,
 )
+from pvt_backbone.weights import from_native, read_checkpoint
 from pvt_backbone.weights.layouts import LAYOUTS
 
 TINY = PVTv2Config(embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4))

@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-from pvt_backbone import VARIANTS, PVTv2Backbone, build_classifier
+from pvt_backbone import VARIANTS, PVTv2Backbone
+from pvt_backbone.classifier import build_classifier
 from pvt_backbone.flops import count_macs
 
 

@@ -1,7 +1,7 @@
 """Training, evaluation and prediction for PVTv2 detectors and segmenters (what ``tools/train.py``,
 ``tools/evaluate.py`` and ``tools/predict.py`` run)."""
 
-from .checkpoint import RunCheckpoint, latest_checkpoint, load_model_weights, resolve_checkpoint, save_checkpoint
+from .checkpoint import RunCheckpoint, latest_checkpoint, load_run_weights, resolve_checkpoint, save_checkpoint
 from .evaluation import ConfusionMatrix, coco_evaluate, coco_results, evaluate_detection, evaluate_segmentation
 from .inference import Detections, SegmentationMap, draw, load_trained, predict
 from .tasks import TASKS, DataSpec, ModelSpec, build_datasets, build_model, evaluate
@@ -26,7 +26,7 @@ __all__ = [
     "save_checkpoint",
     "latest_checkpoint",
     "resolve_checkpoint",
-    "load_model_weights",
+    "load_run_weights",
     "load_trained",
     "predict",
     "draw",

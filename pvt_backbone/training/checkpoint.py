@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..weights.io import atomic_write
 from ..weights.layouts import CheckpointError
-from ..weights.state_dict import load_state_dict_strict
+from ..weights.load import load_model_weights
 
 __all__ = [
     "RunCheckpoint",
@@ -50,7 +49,7 @@ __all__ = [
     "latest_checkpoint",
     "resolve_checkpoint",
     "save_model_weights",
-    "load_model_weights",
+    "load_run_weights",
     "load_training_state",
 ]
 
@@ -134,7 +133,7 @@ def save_model_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[
     atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=header))
 
 
-def load_model_weights(model: nn.Module, path: str | Path) -> None:
+def load_run_weights(model: nn.Module, path: str | Path) -> None:
     """Load a file written by ``save_model_weights`` into ``model``: every key must match in name and shape.
 
     Files of any header (``pvt_backbone.kind = "model"``, or the older ``pvt_backbone.layout = "native"``) load
@@ -147,8 +146,8 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
 
     Example:
         >>> save_model_weights(nn.Linear(2, 3), "linear.safetensors")
-        >>> load_model_weights(nn.Linear(2, 3), "linear.safetensors")
-        >>> load_model_weights(nn.Linear(2, 4), "linear.safetensors")  # doctest: +ELLIPSIS
+        >>> load_run_weights(nn.Linear(2, 3), "linear.safetensors")
+        >>> load_run_weights(nn.Linear(2, 4), "linear.safetensors")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         pvt_backbone.weights.layouts.CheckpointError: cannot load linear.safetensors into Linear:
@@ -157,15 +156,11 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFound(f"{path}: weights file not found")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({error})") from None
     hint = (
         f"build the model with the task, model, variant and class count of the run that wrote the file "
         f"(see {RUN} next to it)"
     )
-    load_state_dict_strict(model, tensors, source=str(path), hint=hint)
+    load_model_weights(model, path, hint=hint)
 
 
 def _step_dirs(root: Path) -> list[RunCheckpoint]:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from ..checks import check_float
-from .checkpoint import load_model_weights, resolve_checkpoint
+from .checkpoint import load_run_weights, resolve_checkpoint
 from .data.folder import IMAGE_SUFFIXES
 from .evaluation import segmentation_logits
 from .tasks import ModelSpec, build_model
@@ -116,7 +116,7 @@ def load_trained(path: str | Path, *, device: torch.device | str = "cpu") -> tup
         )
     spec = ModelSpec.from_dict(info["model"])
     model = build_model(spec)
-    load_model_weights(model, checkpoint.weights)
+    load_run_weights(model, checkpoint.weights)
     return model.to(device).eval(), spec
 
 

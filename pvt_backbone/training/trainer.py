@@ -37,7 +37,7 @@ from ..weights.io import atomic_write
 from .checkpoint import (
     RunCheckpoint,
     latest_checkpoint,
-    load_model_weights,
+    load_run_weights,
     load_training_state,
     resolve_checkpoint,
     save_checkpoint,
@@ -369,7 +369,7 @@ def _build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optim
 
 def _restore(run: _Run, checkpoint: RunCheckpoint) -> int:
     """Load a checkpoint's weights and training state into the run; the step it was taken at."""
-    load_model_weights(run.model, checkpoint.weights)
+    load_run_weights(run.model, checkpoint.weights)
     state = load_training_state(checkpoint)
     world_size, batch_size = state.get("world_size"), state.get("batch_size")
     if world_size != run.info.world_size or batch_size != run.config.batch_size:

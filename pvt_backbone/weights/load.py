@@ -26,10 +26,20 @@ from torch import Tensor, nn
 from ..config import VARIANTS
 from .detect import Architecture, infer_architecture, to_native
 from .io import Checkpoint, WeightsSource, read_checkpoint
-from .layouts import SHOWN, CheckpointError, Conversion, DroppedKey, dropped_lines, keep_stages, split_head, stage_of
-from .state_dict import StateDictDiff, compare_state_dicts
+from .layouts import (
+    SHOWN,
+    CheckpointError,
+    Conversion,
+    DroppedKey,
+    dropped_lines,
+    keep_stages,
+    split_head,
+    stage_of,
+    unwrap_checkpoint,
+)
+from .state_dict import StateDictDiff, compare_state_dicts, load_state_dict_strict
 
-__all__ = ["LoadReport", "load_weights"]
+__all__ = ["LoadReport", "load_weights", "load_model_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -310,3 +320,29 @@ def load_weights(
     report = _report(checkpoint, conversion, architecture, plan, loaded, notes)
     _log(report, notes, incomplete=not strict and bool(plan.comparison or plan.hints))
     return report
+
+
+def load_model_weights(
+    model: nn.Module,
+    source: WeightsSource,
+    *,
+    trust_pickle: bool = False,
+    hint: str = "weights= takes the whole model's state dict; backbone-only weights go in weights_backbone=",
+) -> nn.Module:
+    """Load a whole model's state dict (a detector's, a segmenter's: any ``nn.Module``) under its own keys, strictly.
+
+    ``source`` is a file (``.safetensors`` or a ``torch.save`` pickle, read as ``read_checkpoint`` reads), a
+    ``hf-hub:`` path or a dict; a ``state_dict``/``model`` container is unwrapped. Unlike ``load_weights`` no layout is
+    mapped: every key and shape must match ``model`` exactly, or ``CheckpointError`` lists the differences, ends with
+    ``hint``, and ``model`` is untouched.
+
+    Example:
+        >>> trained = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> twin = load_model_weights(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), trained.state_dict())
+        >>> torch.equal(twin[2].weight, trained[2].weight)
+        True
+    """
+    checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
+    state_dict, _, _ = unwrap_checkpoint(checkpoint.content)
+    load_state_dict_strict(model, state_dict, source=checkpoint.source, hint=hint)
+    return model

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..version import __version__
 from .detect import infer_architecture
 from .io import HUB_PREFIX, Checkpoint, WeightsSource, atomic_write, file_sha256
 from .layouts import CheckpointError, DroppedKey, from_native
@@ -102,7 +103,6 @@ def write_safetensors(
         variant: the variant recorded in the metadata, already checked by the caller; default: inferred from the
             shapes (``"unknown"`` when they fit no single table variant).
     """
-    from .. import __version__  # pvt_backbone/__init__ defines it after importing this package
 
     path = Path(path)
     if path.suffix != ".safetensors":
