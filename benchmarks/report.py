@@ -101,10 +101,7 @@ def plot_throughput(report: Report, path: str | os.PathLike[str], *, task: str =
     Returns ``None`` without matplotlib (install the ``bench`` extra).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # optional (bench extra); no pyplot, so no global backend change
     except ImportError:
         return None
     series: dict[str, list[tuple[float, float, str]]] = {}
@@ -118,7 +115,8 @@ def plot_throughput(report: Report, path: str | os.PathLike[str], *, task: str =
         series.setdefault(label, []).append((height * width / 1e6, 1 / m.median_s, m.case.split()[0]))
     if not series:
         return None
-    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    figure = Figure(figsize=(6.4, 4.2), dpi=120)
+    axis = figure.subplots()
     for label, points in series.items():
         points.sort()
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -135,7 +133,4 @@ def plot_throughput(report: Report, path: str | os.PathLike[str], *, task: str =
     figure.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return atomic_write(target, lambda temp: figure.savefig(temp, format="png"))
-    finally:
-        plt.close(figure)
+    return atomic_write(target, lambda temp: figure.savefig(temp, format="png"))

@@ -24,16 +24,12 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
+from ._checks import check_positive_int
+
 __all__ = ["FPN", "P6P7Block", "EXTRA_LEVELS", "P6P7_SOURCES", "extra_level_names"]
 
 EXTRA_LEVELS: dict[str | None, tuple[str, ...]] = {None: (), "pool": ("pool",), "p6p7": ("p6", "p7")}
 P6P7_SOURCES = ("p5", "c5")
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_source(source: object) -> str:
@@ -65,12 +61,12 @@ class P6P7Block(ExtraFPNBlock):
         self, out_channels: int, *, source: Literal["p5", "c5"] = "p5", c5_channels: int | None = None
     ) -> None:
         super().__init__()
-        _check_positive_int("out_channels", out_channels)
+        check_positive_int("out_channels", out_channels)
         self.source = _check_source(source)
         if self.source == "c5":
             if c5_channels is None:
                 raise ValueError("source='c5' needs c5_channels (the channel count of the last input map)")
-            in_channels = _check_positive_int("c5_channels", c5_channels)
+            in_channels = check_positive_int("c5_channels", c5_channels)
         else:
             in_channels = out_channels
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
@@ -122,8 +118,8 @@ class FPN(FeaturePyramidNetwork):
     ) -> None:
         if isinstance(in_channels, (str, bytes)) or not isinstance(in_channels, Sequence) or not in_channels:
             raise TypeError(f"in_channels must be a non-empty sequence of positive ints, got {in_channels!r}")
-        channels = tuple(_check_positive_int("in_channels entries", c) for c in in_channels)
-        _check_positive_int("out_channels", out_channels)
+        channels = tuple(check_positive_int("in_channels entries", c) for c in in_channels)
+        check_positive_int("out_channels", out_channels)
         extra_names = extra_level_names(extra_levels)
         source = _check_source(p6p7_source)
         extra: ExtraFPNBlock | None = None

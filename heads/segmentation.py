@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
+from ._checks import check_positive_int, check_rate
+
 __all__ = ["SemanticFPNHead", "MLPSegHead", "group_norm", "resize_bilinear"]
 
 NormLayer = Callable[[int], nn.Module]
@@ -34,18 +36,6 @@ def _check_channels(in_channels: Sequence[int]) -> tuple[int, ...]:
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"in_channels entries must be positive ints, got {list(in_channels)!r}")
     return tuple(in_channels)
-
-
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_dropout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _as_list(features: Mapping[str, Tensor] | Sequence[Tensor], in_channels: tuple[int, ...]) -> list[Tensor]:
@@ -114,8 +104,8 @@ class SemanticFPNHead(nn.Module):
     ) -> None:
         super().__init__()
         self.in_channels = _check_channels(in_channels)
-        self.num_classes = _check_positive("num_classes", num_classes)
-        self.channels = _check_positive("channels", channels)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.channels = check_positive_int("channels", channels)
         self.scale_heads = nn.ModuleList()
         for level, c_in in enumerate(self.in_channels):
             blocks = nn.ModuleList()
@@ -126,7 +116,7 @@ class SemanticFPNHead(nn.Module):
                     )
                 )
             self.scale_heads.append(blocks)
-        self.dropout = nn.Dropout2d(_check_dropout(dropout))
+        self.dropout = nn.Dropout2d(check_rate("dropout", dropout))
         self.classifier = _classifier(channels, num_classes)
 
     def forward(self, features: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -178,13 +168,13 @@ class MLPSegHead(nn.Module):
     ) -> None:
         super().__init__()
         self.in_channels = _check_channels(in_channels)
-        self.num_classes = _check_positive("num_classes", num_classes)
-        self.channels = _check_positive("channels", channels)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.channels = check_positive_int("channels", channels)
         self.proj = nn.ModuleList(nn.Conv2d(c, channels, kernel_size=1) for c in self.in_channels)
         self.fuse = Conv2dNormActivation(
             channels * len(self.in_channels), channels, kernel_size=1, norm_layer=norm_layer
         )
-        self.dropout = nn.Dropout2d(_check_dropout(dropout))
+        self.dropout = nn.Dropout2d(check_rate("dropout", dropout))
         self.classifier = _classifier(channels, num_classes)
 
     def forward(self, features: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import TypedDict, Unpack
 
 from . import fast_inference
+from .checks import check_rate
 from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_config, normalize_out_indices
 from .layers import Block, OverlapPatchEmbed, init_weights
 from .weights import WeightsSource, load_weights
@@ -96,12 +97,6 @@ class PVTv2Stage(nn.Module):
         return self.norm(x)
 
 
-def _check_rate(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    return float(value)
-
-
 class PVTv2Trunk(nn.Module):
     """Patch embedding and the first ``num_stages`` stages; shared by the backbone and the classifier.
 
@@ -129,7 +124,7 @@ class PVTv2Trunk(nn.Module):
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         self.config = config
         self.in_channels = in_channels
-        self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
+        self.drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
         self.min_input_size = config.min_input_size(num_stages)
         self.patch_embed = OverlapPatchEmbed(
             in_channels,
@@ -147,8 +142,8 @@ class PVTv2Trunk(nn.Module):
                 config,
                 i,
                 drop_path_rates=rates[starts[i] : starts[i] + config.depths[i]],
-                attn_drop_rate=_check_rate("attn_drop_rate", attn_drop_rate),
-                proj_drop_rate=_check_rate("proj_drop_rate", proj_drop_rate),
+                attn_drop_rate=check_rate("attn_drop_rate", attn_drop_rate),
+                proj_drop_rate=check_rate("proj_drop_rate", proj_drop_rate),
                 norm_layer=norm_layer,
             )
             for i in range(num_stages)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-__all__ = ["check_int", "check_float", "check_choice"]
+__all__ = ["check_int", "check_float", "check_rate", "check_choice"]
 
 
 def _bounds(minimum: float | None, maximum: float | None, inclusive: bool) -> str:
@@ -75,6 +75,21 @@ def check_float(
     if not math.isfinite(value) or not _in_range(value, minimum, maximum, inclusive):
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
     return float(value)
+
+
+def check_rate(name: str, value: object) -> float:
+    """A dropout or drop-path probability: a finite number in [0, 1) (1 would drop everything).
+
+    Example:
+        >>> check_rate("drop_path_rate", 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: drop_path_rate must be a finite number in [0, 1), got 1.0
+    """
+    rate = check_float(name, value, minimum=0.0, maximum=1.0)
+    if rate == 1.0:
+        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
+    return rate
 
 
 def check_choice(name: str, value: object, allowed: Iterable[str]) -> str:

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch.export import Dim, ExportedProgram
 from .backbone import PVTv2Trunk
 from .config import stage_sizes
 from .layers import SpatialReductionAttention
+from .weights.io import atomic_write
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -128,19 +128,12 @@ def export_program(
 
 
 def _write_atomically(path: str | os.PathLike[str], suffix: str, write: Callable[[str], None]) -> Path:
+    """``write(temp_name)`` then rename onto ``path`` (which must end in ``suffix``), creating its directory."""
     target = Path(path)
     if target.suffix != suffix:
         raise ValueError(f"output path must end in {suffix!r}, got {str(target)!r}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=suffix, dir=target.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda temp: write(str(temp)))
 
 
 def save_program(program: ExportedProgram, path: str | os.PathLike[str]) -> Path:

@@ -27,6 +27,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from heads import resize_bilinear
 
@@ -213,8 +214,6 @@ def evaluate_detection(
     results: list[dict[str, Any]] = []
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if progress:
-        from tqdm import tqdm
-
         batches = tqdm(batches, desc="eval", leave=False, dynamic_ncols=True)
     try:
         for batch in batches:
@@ -350,8 +349,6 @@ def evaluate_segmentation(
     matrix = ConfusionMatrix(dataset.num_classes, ignore_index=dataset.ignore_index)
     indices: Iterable[int] = range(rank, len(dataset), world)
     if progress:
-        from tqdm import tqdm
-
         indices = tqdm(list(indices), desc="eval", leave=False, dynamic_ncols=True)
     try:
         for index in indices:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from ..weights.io import atomic_write
 
 __all__ = ["LOG_FILE", "LOSS_PNG", "RunLog", "read_log", "plot_loss_curve"]
@@ -74,13 +76,9 @@ def _smoothed(values: list[float]) -> list[float]:
 def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metrics: Sequence[str] = ()) -> None:
     """Training loss per step (raw and smoothed) and, on a second axis, each of ``metrics`` at every evaluation
     that logged it; written as a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [r for r in records if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)  # no pyplot: the user's backend and global figure list stay untouched
+    ax = fig.subplots()
     if train:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
@@ -104,4 +102,3 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metrics:
         ax.legend(handles, labels, loc="center right")
     fig.tight_layout()
     atomic_write(path, lambda temp: fig.savefig(temp, format="png"))
-    plt.close(fig)

@@ -20,6 +20,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from heads import group_norm
 
 from ..detection import trainable_to_frozen_stages
+from ..registry import create_model
+from ..segmentation import segmentation_loss
 from .data import (
     CocoDetection,
     SegmentationFolder,
@@ -157,8 +159,6 @@ def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainab
     the first ``4 - trainable_stages`` stages of the backbone.
     """
     if spec.task == "segmentation":
-        from ..segmentation import semantic_fpn_pvt_v2
-
         head = "fpn" if spec.model == "semantic_fpn" else "mlp"
         options = dict(spec.options)
         if spec.head_norm != "default":
@@ -166,12 +166,13 @@ def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainab
         frozen = trainable_to_frozen_stages(trainable_stages)
         if frozen:
             options["frozen_stages"] = frozen
-        return semantic_fpn_pvt_v2(
-            spec.variant, num_classes=spec.num_classes, weights_backbone=weights_backbone, head=head, **options
+        return create_model(
+            f"semantic_fpn_pvt_v2_{spec.variant}",
+            num_classes=spec.num_classes,
+            weights_backbone=weights_backbone,
+            head=head,
+            **options,
         )
-    from .. import detection
-
-    builder = getattr(detection, f"{spec.model}_pvt_v2_fpn")
     kwargs: dict[str, Any] = {
         "min_size": spec.image_size,
         "max_size": max(spec.image_size, round(spec.image_size * 1333 / 800)),
@@ -185,8 +186,8 @@ def build_model(spec: ModelSpec, *, weights_backbone: str | None = None, trainab
     if anchor_sizes is not None:
         kwargs[_anchor_argument(spec.model)] = _anchor_generator(anchor_sizes)
     kwargs.update(options)
-    return builder(
-        spec.variant,
+    return create_model(
+        f"{spec.model}_pvt_v2_{spec.variant}_fpn",
         num_classes=spec.num_classes,
         weights_backbone=weights_backbone,
         trainable_stages=trainable_stages,
@@ -301,8 +302,6 @@ def training_loss(model: nn.Module, task: str, batch: Any, device: torch.device)
     inside); segmenters see ImageNet-normalised images and are scored with cross-entropy ignoring 255."""
     images, targets = _to_device(batch, device)
     if task == "segmentation":
-        from ..segmentation import segmentation_loss
-
         loss = segmentation_loss(model(normalize_images(images)), targets)
         return loss, {"loss_seg": loss.detach()}
     parts = model(images, targets)

@@ -30,9 +30,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..amp import autocast
 from ..checks import check_choice, check_float, check_int
+from ..optim import param_groups
 from ..weights.io import atomic_write
 from .checkpoint import (
     RunCheckpoint,
@@ -359,8 +361,6 @@ def _build_model(config: TrainConfig, info: DistInfo, spec: ModelSpec) -> nn.Mod
 
 
 def _build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    from ..optim import param_groups
-
     groups = param_groups(
         model, lr=config.lr, weight_decay=config.weight_decay, backbone_lr_mult=config.backbone_lr_mult
     )
@@ -448,8 +448,6 @@ def _open_outputs(run: _Run, *, resumed: bool) -> RunLog | None:
 def _progress_bar(run: _Run) -> Any:
     if not (run.config.progress and run.info.is_main):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=run.total, initial=run.start_step, desc="train", dynamic_ncols=True, unit="step")
 
 
@@ -594,6 +592,4 @@ def _finish(run: _Run) -> None:
 
 def _print(info: DistInfo, message: str) -> None:
     if info.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(message)
+            tqdm.write(message)
