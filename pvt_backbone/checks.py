@@ -86,10 +86,12 @@ def check_rate(name: str, value: object) -> float:
         ...
         ValueError: drop_path_rate must be a finite number in [0, 1), got 1.0
     """
-    rate = check_float(name, value, minimum=0.0, maximum=1.0)
-    if rate == 1.0:
-        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
-    return rate
+    wanted = "a finite number in [0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return float(value)
 
 
 def check_choice(name: str, value: object, allowed: Iterable[str]) -> str:
