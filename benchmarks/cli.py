@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pvt_backbone.cli.runner import entry_point
+from pvt_backbone.cli.runner import command_parser, entry_point
 from pvt_backbone.config import VARIANTS
 from pvt_backbone.weights.io import atomic_write
 
@@ -51,9 +51,7 @@ def _write(path: str, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; defaults are ``BenchmarkSettings()``'s."""
     defaults = BenchmarkSettings()
-    parser = argparse.ArgumentParser(
-        prog="pvt-benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--variant", default=defaults.variant, choices=sorted(VARIANTS))
     parser.add_argument("--sizes", type=_cases, default=defaults.cases, help="HxW[:batch],... (default: %(default)s)")
     parser.add_argument("--train-sizes", type=_cases, help="cases for the training step (default: --sizes)")

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from ..config import VARIANTS
 from ..weights import DTYPES, LAYOUTS, CheckpointError
 from ..weights.converter import CONVERT_TARGETS, convert_checkpoint, inspect_checkpoint
-from .runner import entry_point
+from .runner import command_parser, entry_point
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -54,10 +54,7 @@ def _worded_in_flags() -> Iterator[None]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pvt-convert`` command line: INPUT OUTPUT to convert, or --inspect FILE."""
-    parser = argparse.ArgumentParser(
-        description="Convert a PVTv2 checkpoint (timm, authors' .pth, transformers, mmdet, lucid) to safetensors "
-        "in any of those layouts, or --inspect one.",
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("input", nargs="?", metavar="INPUT", help="checkpoint file, save_pretrained dir or hf-hub:REPO")
     parser.add_argument("output", nargs="?", metavar="OUTPUT", help="output .safetensors file")
     parser.add_argument("--from", dest="source", default="auto", choices=_SOURCES, help="input layout (default: auto)")

@@ -23,18 +23,14 @@ from ..training.inference import load_trained
 from ..training.tasks import DataSpec, ModelSpec, build_datasets, check_same_classes, evaluate
 from ..weights.io import atomic_write
 from .common import DEVICES, add_data_arguments, check_data_arguments, data_spec_from_args
-from .runner import entry_point
+from .runner import command_parser, entry_point
 
 __all__ = ["build_parser", "main", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pvt-evaluate`` command line; ``--dataset`` left out means the checkpoint's own validation data."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
     add_data_arguments(parser, train=False)
     parser.set_defaults(dataset=None, val_size=None)

@@ -17,7 +17,7 @@ import torch
 from ..config import VARIANTS
 from ..export import export_onnx, export_program, save_program, verify_onnx, verify_program
 from ..registry import create_model
-from .runner import entry_point
+from .runner import command_parser, entry_point
 
 __all__ = ["ExampleSize", "parse_size", "build_parser", "main", "run"]
 
@@ -52,9 +52,7 @@ def parse_size(text: str) -> ExampleSize:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        prog="pvt-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--variant", default="b2", choices=sorted(VARIANTS))
     parser.add_argument("--model", default="backbone", choices=("backbone", "classifier"))
     parser.add_argument("--weights", help="checkpoint in any supported layout (default: random initialisation)")

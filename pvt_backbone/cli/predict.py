@@ -26,18 +26,14 @@ from ..training.inference import SegmentationMap, draw, find_images, load_traine
 from ..training.tasks import ModelSpec
 from ..weights.io import atomic_write
 from .common import DEVICES
-from .runner import UsageError, entry_point
+from .runner import UsageError, command_parser, entry_point
 
 __all__ = ["build_parser", "main", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pvt-predict`` command line."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--input", required=True, help="image file, folder of images, or glob pattern (quote it)")
     parser.add_argument("--output-dir", required=True, help="pictures (and predictions.json) go here")

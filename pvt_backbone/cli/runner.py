@@ -7,12 +7,14 @@ The library raises its own errors (``ValueError``/``TypeError`` subclasses such 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 __all__ = [
     "UsageError",
+    "command_parser",
     "run_command",
     "entry_point",
     "one_line",
@@ -33,6 +35,19 @@ _EXPECTED = (ValueError, TypeError, OSError, ImportError)
 
 class UsageError(ValueError):
     """The command line itself is wrong (a combination argparse cannot express); exits 2 like argparse's errors."""
+
+
+def command_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A command's parser: its docstring's first paragraph as the description, the rest (usage examples) verbatim.
+
+    Example:
+        >>> command_parser("Do it.\\n\\n    pvt-do --now\\n").format_help().splitlines()[2:]
+        ['Do it.', '', 'options:', '  -h, --help  show this help message and exit', '', '    pvt-do --now']
+    """
+    summary, _, examples = (doc or "").strip("\n").partition("\n\n")
+    return argparse.ArgumentParser(
+        description=summary, epilog=examples or None, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def one_line(error: BaseException) -> str:

@@ -31,7 +31,7 @@ from .common import (
     data_spec_from_args,
     parse_model_args,
 )
-from .runner import UsageError, entry_point
+from .runner import UsageError, command_parser, entry_point
 
 __all__ = ["build_parser", "config_from_args", "main", "run"]
 
@@ -97,11 +97,7 @@ def _add_run_group(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pvt-train`` command line; its epilog is the usage examples above."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(__doc__)
     _add_model_group(parser)
     add_data_arguments(parser)
     _add_optimizer_group(parser)
