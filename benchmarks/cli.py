@@ -13,12 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pvt_backbone.cli.arguments import image_size_argument, image_sizes_argument
 from pvt_backbone.cli.runner import command_parser, entry_point
 from pvt_backbone.config import VARIANTS
 from pvt_backbone.weights.io import atomic_write
 
 from .harness import DTYPES, MODES, TASKS, BenchmarkSettings, run_benchmark
-from .measure import Case, parse_case, threads
+from .measure import threads
 from .report import plot_throughput, to_json, to_markdown
 from .targets import summarize_targets
 
@@ -35,13 +36,6 @@ def _choices(text: str, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
     return values
 
 
-def _cases(text: str) -> tuple[Case, ...]:
-    try:
-        return tuple(parse_case(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _write(path: str, text: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = BenchmarkSettings()
     parser = command_parser(__doc__)
     parser.add_argument("--variant", default=defaults.variant, choices=sorted(VARIANTS))
-    parser.add_argument("--sizes", type=_cases, default=defaults.cases, help="HxW[:batch],... (default: %(default)s)")
-    parser.add_argument("--train-sizes", type=_cases, help="cases for the training step (default: --sizes)")
+    parser.add_argument(
+        "--sizes", type=image_sizes_argument, default=defaults.cases, help="HxW[:batch],... (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--train-sizes", type=image_sizes_argument, help="cases for the training step (default: --sizes)"
+    )
     parser.add_argument("--tasks", type=lambda t: _choices(t, TASKS, "--tasks"), default=defaults.tasks)
     parser.add_argument("--dtypes", type=lambda t: _choices(t, DTYPES, "--dtypes"), default=defaults.dtypes)
     parser.add_argument("--modes", type=lambda t: _choices(t, MODES, "--modes"), default=defaults.modes)
@@ -66,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     parser.add_argument("--no-detector", action="store_true", help="skip the Faster R-CNN comparison")
     parser.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing memory rows")
-    parser.add_argument("--checkpointing-size", type=parse_case, default=defaults.checkpointing_case)
+    parser.add_argument("--checkpointing-size", type=image_size_argument, default=defaults.checkpointing_case)
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on CPUs without bf16 kernels (slow)")
     parser.add_argument("--json", help="write the full report as JSON here")
     parser.add_argument("--markdown", help="write the Markdown table here")
@@ -122,3 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 run = entry_point(main)
+
+if __name__ == "__main__":
+    run()

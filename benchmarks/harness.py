@@ -32,13 +32,14 @@ from torch import Tensor, nn
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from pvt_backbone import create_model, load_weights
+from pvt_backbone.cli.arguments import ImageSize
 from pvt_backbone.export import export_onnx, onnxruntime_session
 
 from .measure import (
-    Case,
     Measurement,
     PeakMemory,
     count_gflop,
+    cpu_bf16_kernels,
     machine_info,
     make_step,
     matmul_peak_gflops,
@@ -76,8 +77,13 @@ class BenchmarkSettings:
     """What to run; the defaults are the full matrix minus torch.compile (slow to compile on 2 cores)."""
 
     variant: str = "b2"
-    cases: tuple[Case, ...] = (Case(224, 224, 1), Case(224, 224, 8), Case(512, 512, 1), Case(800, 1333, 1))
-    train_cases: tuple[Case, ...] | None = None  # None: same as ``cases``
+    cases: tuple[ImageSize, ...] = (
+        ImageSize(224, 224, 1),
+        ImageSize(224, 224, 8),
+        ImageSize(512, 512, 1),
+        ImageSize(800, 1333, 1),
+    )
+    train_cases: tuple[ImageSize, ...] | None = None  # None: same as ``cases``
     tasks: tuple[str, ...] = TASKS
     dtypes: tuple[str, ...] = DTYPES
     modes: tuple[str, ...] = ("eager",)
@@ -88,7 +94,7 @@ class BenchmarkSettings:
     onnx: bool = True
     detector: bool = True
     checkpointing: bool = True
-    checkpointing_case: Case = Case(512, 512, 1)
+    checkpointing_case: ImageSize = ImageSize(512, 512, 1)
     force_bf16: bool = False
     seed: int = 0
 
@@ -142,7 +148,7 @@ def check_same_outputs(models: dict[str, nn.Module], images: Tensor, *, atol: fl
 def _bf16_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_bf16_kernels()
 
 
 def run_benchmark(settings: BenchmarkSettings, *, log: Callable[[str], None] = print) -> Report:
@@ -174,7 +180,7 @@ def run_benchmark(settings: BenchmarkSettings, *, log: Callable[[str], None] = p
 def _measure_case(
     report: Report,
     models: dict[str, nn.Module],
-    case: Case,
+    case: ImageSize,
     build: Callable[[], nn.Module],
     settings: BenchmarkSettings,
     device: torch.device,
@@ -205,7 +211,7 @@ def _measure(
     report: Report,
     models: dict[str, nn.Module],
     images: Tensor,
-    case: Case,
+    case: ImageSize,
     task: str,
     dtype: str,
     mode: str,
@@ -325,7 +331,7 @@ def _measure_checkpointing(
 
 
 def checkpointing_step(
-    variant: str, case: Case, *, enabled: bool, iterations: int, device: str, num_threads: int, seed: int
+    variant: str, case: ImageSize, *, enabled: bool, iterations: int, device: str, num_threads: int, seed: int
 ) -> tuple[float, list[float]]:
     """Peak memory (MiB, see :class:`PeakMemory`) and times (s) of our classifier's training step in this process."""
     torch.set_num_threads(num_threads)

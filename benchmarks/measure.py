@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import platform
@@ -17,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from pvt_backbone.amp import autocast
+from pvt_backbone.cli.arguments import ImageSize
 from pvt_backbone.flops import count_macs
 
 __all__ = [
-    "Case",
-    "parse_case",
     "Measurement",
+    "cpu_bf16_kernels",
     "machine_info",
     "matmul_peak_gflops",
     "PeakMemory",
@@ -31,31 +32,6 @@ __all__ = [
     "count_gflop",
     "threads",
 ]
-
-
-@dataclass(frozen=True)
-class Case:
-    """One input geometry: ``batch`` images of ``height`` x ``width``."""
-
-    height: int
-    width: int
-    batch: int
-
-    def __str__(self) -> str:
-        return f"{self.height}x{self.width} b{self.batch}"
-
-
-def parse_case(text: str) -> Case:
-    """``"512x512:1"`` or ``"224x224"`` (batch 1) -> ``Case``; ``ValueError`` naming the accepted form otherwise."""
-    size, _, batch = text.strip().partition(":")
-    height, _, width = size.partition("x")
-    try:
-        case = Case(int(height), int(width), int(batch or 1))
-    except ValueError:
-        raise ValueError(f"size {text!r} is not of the form HEIGHTxWIDTH[:BATCH], e.g. 800x1333:1") from None
-    if min(case.height, case.width, case.batch) < 1:
-        raise ValueError(f"size {text!r} must have positive height, width and batch")
-    return case
 
 
 @dataclass
@@ -86,6 +62,11 @@ class Measurement:
         return self.gflop / median if median and self.gflop else None
 
 
+def cpu_bf16_kernels() -> bool:
+    """Whether oneDNN has native bf16 matmul kernels on this CPU (AVX512-BF16 / AMX); without, bf16 is emulated."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def machine_info(device: str) -> dict[str, Any]:
     """CPU model, core count, torch version, threads and (on CUDA) the GPU name."""
     model = platform.processor() or platform.machine()
@@ -100,7 +81,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu_bf16_kernels": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cpu_bf16_kernels": cpu_bf16_kernels(),
     }
     with contextlib.suppress(ImportError):
         import timm
@@ -181,8 +162,6 @@ class PeakMemory:
 def _release_free_heap() -> None:
     """Hand memory freed by earlier steps back to the OS (glibc ``malloc_trim``), so RSS growth is this step's own."""
     with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
@@ -238,7 +217,7 @@ def time_interleaved(
     return times
 
 
-def count_gflop(build: Callable[[], nn.Module], case: Case, task: str) -> float:
+def count_gflop(build: Callable[[], nn.Module], case: ImageSize, task: str) -> float:
     """FLOPs (2 per multiply-add) of one step in GFLOP, from :func:`pvt_backbone.flops.count_macs` (meta device).
 
     A training step is estimated as 3x the forward (backward ~ 2x forward): counting the backward on the meta device

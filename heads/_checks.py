@@ -17,7 +17,7 @@ def check_positive_int(name: str, value: object) -> int:
 def check_rate(name: str, value: object) -> float:
     """A dropout probability: a finite number in [0, 1), else ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
     return float(value)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_positive_int
+
 __all__ = ["ClassificationHead"]
 
 
@@ -24,9 +26,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, *, drop_rate: float = 0.0) -> None:
         super().__init__()
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        self.in_channels = in_channels
+        self.in_channels = check_positive_int("in_channels", in_channels)
         self.drop = nn.Dropout(drop_rate)
         self.weight: nn.Parameter | None = None
         self.bias: nn.Parameter | None = None

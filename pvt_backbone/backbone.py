@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import TypedDict, Unpack
 
 from . import fast_inference
-from .checks import check_rate
+from .checks import check_int, check_rate
 from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_config, normalize_out_indices
 from .layers import Block, OverlapPatchEmbed, init_weights
 from .weights import WeightsSource, load_weights
@@ -120,10 +120,8 @@ class PVTv2Trunk(nn.Module):
     ) -> None:
         super().__init__()
         config = get_config(config)
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         self.config = config
-        self.in_channels = in_channels
+        self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
         self.min_input_size = config.min_input_size(num_stages)
         self.patch_embed = OverlapPatchEmbed(
@@ -165,8 +163,7 @@ class PVTv2Trunk(nn.Module):
         ``freeze_stages(0)`` unfreezes everything.
         """
         built = len(self.stages)
-        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 0 <= num_stages <= built:
-            raise ValueError(f"frozen_stages must be an int in [0, {built}] (stages built), got {num_stages!r}")
+        check_int("frozen_stages", num_stages, minimum=0, maximum=built)  # at most the stages built
         self.frozen_stages = num_stages
         for index, group in enumerate(self._stage_groups()):
             for module in group:

@@ -39,6 +39,7 @@ from heads import FPN
 from heads.fpn import extra_level_names
 
 from .backbone import BackboneOptions, PVTv2Backbone
+from .checks import check_int
 from .config import NUM_STAGES, PVTv2Config
 
 __all__ = [
@@ -234,8 +235,7 @@ def _check_roi_pool(name: str, pool: object, level_names: Sequence[str]) -> None
 
 
 def _check_image_stats(kwargs: dict[str, Any], in_channels: object) -> None:
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    check_int("in_channels", in_channels, minimum=1)
     if in_channels == 3:
         kwargs.setdefault("image_mean", list(IMAGENET_MEAN))
         kwargs.setdefault("image_std", list(IMAGENET_STD))
@@ -282,8 +282,7 @@ def _build_detector(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int (background included for R-CNNs), got {num_classes!r}")
     size_divisible = kwargs.get("size_divisible", _PAD_MULTIPLE)
-    if isinstance(size_divisible, bool) or not isinstance(size_divisible, int) or size_divisible <= 0:
-        raise ValueError(f"size_divisible must be a positive multiple of {_PAD_MULTIPLE}, got {size_divisible!r}")
+    check_int("size_divisible", size_divisible, minimum=1)
     if size_divisible % _PAD_MULTIPLE:
         raise ValueError(
             f"size_divisible must be a multiple of {_PAD_MULTIPLE} (the stride of the coarsest stage), got "

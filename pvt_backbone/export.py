@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from .backbone import PVTv2Trunk
+from .checks import check_int
 from .config import stage_sizes
 from .layers import SpatialReductionAttention
 from .weights.io import atomic_write
@@ -76,8 +77,7 @@ def _check_example(model: nn.Module, example: Tensor) -> None:
 def _dynamic_shapes(
     example: Tensor, *, dynamic_batch: bool, dynamic_height: bool, dynamic_width: bool, min_size: int
 ) -> tuple[dict[int, Any], ...]:
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
+    check_int("min_size", min_size, minimum=1)
     for name, dynamic, side in (("height", dynamic_height, 2), ("width", dynamic_width, 3)):
         if dynamic and example.shape[side] < min_size:
             raise ValueError(f"example {name} {example.shape[side]} is below min_size={min_size}")

@@ -1,9 +1,10 @@
 """The inference path of a PVTv2 block: the same function as ``Block.forward``, with fewer and smaller allocations.
 
 ``PVTv2Stage.forward`` is the one place that chooses it (see :func:`applies`): in eval mode with autograd off
-(``torch.no_grad`` / ``torch.inference_mode``), in eager mode, unless the model was built or switched with
-``set_fast_inference(False)``. Training and anything that traces the call (``torch.compile``, ``torch.export``, ONNX,
-``torch.jit.trace``) run ``Block.forward``. Both agree within float rounding (1e-6 in fp32; tests/test_fast_paths.py).
+(``torch.no_grad`` / ``torch.inference_mode``), in eager mode, unless the model was switched off with
+``model.set_fast_inference(False)``. Training and anything that traces the call (``torch.compile``, ``torch.export``,
+ONNX, ``torch.jit.trace``) run ``Block.forward``, and so does a block with forward hooks (they would not fire here).
+Both agree within float rounding (tests/test_fast_paths.py checks 1e-5 in fp32).
 
 What differs from ``Block.forward``:
 
@@ -51,8 +52,21 @@ def applies(module: nn.Module) -> bool:
 
 def block_forward(block: Block, x: Tensor) -> Tensor:
     """``block(x)`` for (B, H, W, C) tokens in eval mode without autograd; never writes ``x``."""
+    if _has_hooks(block):
+        return block(x)
     x = _attention_residual(block.attn, block.norm1(x), residual=x)  # a new tensor, so the MLP may write into it
     return _mlp_residual(block.mlp, block.norm2(x), residual=x)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward hooks on ``module`` or on every module: calling its pieces directly would skip them."""
+    hooks = nn.modules.module  # torch keeps hook registries as module attributes only
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
 
 
 def _add_into(out: Tensor, other: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from heads import FPN, MLPSegHead, SemanticFPNHead, group_norm, resize_bilinear
 
 from .backbone import PVTv2Backbone
+from .checks import check_int
 from .config import PVTv2Config, get_config
 from .detection import WeightsArg
 
@@ -152,8 +153,7 @@ def semantic_fpn_pvt_v2(
     """
     if head not in SEG_HEADS:
         raise ValueError(f"head must be one of {SEG_HEADS}, got {head!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_int("ignore_index", ignore_index)
     if "weights" in backbone_options:
         raise TypeError("pass the backbone checkpoint as weights_backbone=, not weights=")
     config = get_config(variant)

@@ -106,10 +106,10 @@ def test_smallest_accepted_input(tiny_config: PVTv2Config) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"in_channels": 0}, r"in_channels must be a positive int, got 0"),
+        ({"in_channels": 0}, r"in_channels must be an int >= 1, got 0"),
         ({"drop_path_rate": 1.0}, r"drop_path_rate must be a finite number in \[0, 1\), got 1.0"),
         ({"attn_drop_rate": -0.1}, r"attn_drop_rate must be a finite number in \[0, 1\)"),
-        ({"frozen_stages": 5}, r"frozen_stages must be an int in \[0, 4\] \(stages built\), got 5"),
+        ({"frozen_stages": 5}, r"frozen_stages must be an int in \[0, 4\], got 5"),
     ],
 )
 def test_option_validation(tiny_config: PVTv2Config, kwargs: dict, message: str) -> None:

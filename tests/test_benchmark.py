@@ -12,17 +12,18 @@ import torch
 
 from benchmarks import cli as benchmark_cli
 from benchmarks.harness import BenchmarkSettings, Report, check_same_outputs, run_benchmark, settings_from
-from benchmarks.measure import Case, Measurement, PeakMemory, matmul_peak_gflops, parse_case, time_interleaved
+from benchmarks.measure import Measurement, PeakMemory, matmul_peak_gflops, time_interleaved
 from benchmarks.report import plot_throughput, to_json, to_markdown
 from benchmarks.targets import summarize_targets
 from pvt_backbone import pvt_v2_b0
+from pvt_backbone.cli.arguments import ImageSize, parse_image_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("text", "case"), [("512x512:1", Case(512, 512, 1)), (" 224x96 ", Case(224, 96, 1))])
-def test_parse_case(text: str, case: Case) -> None:
-    assert parse_case(text) == case
+@pytest.mark.parametrize(("text", "case"), [("512x512:1", ImageSize(512, 512, 1)), (" 224x96 ", ImageSize(224, 96, 1))])
+def test_parse_case(text: str, case: ImageSize) -> None:
+    assert parse_image_size(text) == case
     assert str(case) == f"{case.height}x{case.width} b{case.batch}"
 
 
@@ -32,7 +33,7 @@ def test_parse_case(text: str, case: Case) -> None:
 )
 def test_parse_case_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        parse_case(text)
+        parse_image_size(text)
 
 
 def test_settings_reject_unknown_values() -> None:
@@ -76,14 +77,14 @@ def test_small_run_reports_every_requested_row(tmp_path: Path) -> None:
     pytest.importorskip("timm")
     settings = BenchmarkSettings(
         variant="b0",
-        cases=(Case(64, 64, 1), Case(64, 96, 2)),
-        train_cases=(Case(64, 64, 1),),
+        cases=(ImageSize(64, 64, 1), ImageSize(64, 96, 2)),
+        train_cases=(ImageSize(64, 64, 1),),
         dtypes=("fp32",),
         iterations=1,
         warmup=0,
         onnx=False,
         detector=False,
-        checkpointing_case=Case(64, 64, 1),
+        checkpointing_case=ImageSize(64, 64, 1),
     )
     report = run_benchmark(settings, log=lambda line: None)
     rows = {(m.impl, m.task, m.mode, m.case) for m in report.measurements}

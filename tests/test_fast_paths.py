@@ -194,3 +194,18 @@ def test_stage_is_the_one_switch(tiny_config: PVTv2Config, monkeypatch: pytest.M
     with torch.no_grad():
         model(x)
     assert calls == []
+
+
+def test_forward_hooks_on_a_block_still_fire(tiny_config: PVTv2Config) -> None:
+    model = PVTv2Backbone(tiny_config).eval()
+    seen: list[tuple[int, ...]] = []
+    model.stages[1].blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape)))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        hooked = model(x)
+    assert seen == [(1, 8, 8, tiny_config.embed_dims[1])]
+    model.set_fast_inference(False)
+    with torch.no_grad():
+        plain = model(x)
+    for key in plain:
+        torch.testing.assert_close(hooked[key], plain[key], rtol=1e-5, atol=1e-5)

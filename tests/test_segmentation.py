@@ -56,7 +56,7 @@ def test_head_input_errors_are_readable() -> None:
         head([torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2)])
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         SemanticFPNHead([8], num_classes=0)
-    with pytest.raises(ValueError, match=r"dropout must be a float in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"dropout must be a finite number in \[0, 1\)"):
         MLPSegHead([8], num_classes=2, dropout=1.5)
 
 

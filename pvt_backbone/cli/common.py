@@ -14,7 +14,6 @@ from .runner import UsageError
 
 __all__ = [
     "DATASET_FLAGS",
-    "DEVICES",
     "add_model_arguments",
     "add_data_arguments",
     "data_spec_from_args",
@@ -28,7 +27,6 @@ DATASET_FLAGS = {
     "coco": ("images", "annotations"),
     "folder": ("images", "masks"),
 }
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

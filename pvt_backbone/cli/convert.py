@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from ..config import VARIANTS
 from ..weights import DTYPES, LAYOUTS, CheckpointError
 from ..weights.converter import CONVERT_TARGETS, convert_checkpoint, inspect_checkpoint
-from .runner import command_parser, entry_point
+from .runner import command_parser, entry_point, in_flags
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -33,20 +33,13 @@ _FLAGS = {
 }
 
 
-def _in_flags(text: str) -> str:
-    """``text`` with the library's parameter spellings replaced by this command's flags."""
-    for parameter, flag in _FLAGS.items():
-        text = text.replace(parameter, flag)
-    return text
-
-
 @contextmanager
 def _worded_in_flags() -> Iterator[None]:
     """Re-raise a ``CheckpointError`` whose message names a parameter this command sets with a flag, naming the flag."""
     try:
         yield
     except CheckpointError as error:
-        worded = _in_flags(str(error))
+        worded = in_flags(str(error), _FLAGS)
         if worded == str(error):
             raise
         raise CheckpointError(worded) from error
@@ -93,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=args.dtype,
                 trust_pickle=args.trust_pickle,
             ).format()
-    print(_in_flags(text))
+    print(in_flags(text, _FLAGS))
     return 0
 
 

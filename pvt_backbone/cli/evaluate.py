@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..training.checkpoint import resolve_checkpoint
-from ..training.distributed import cleanup_distributed, setup_distributed
+from ..training.distributed import DEVICES, cleanup_distributed, setup_distributed
 from ..training.inference import load_trained
 from ..training.tasks import DataSpec, ModelSpec, build_datasets, check_same_classes, evaluate
 from ..weights.io import atomic_write
-from .common import DEVICES, add_data_arguments, check_data_arguments, data_spec_from_args
+from .common import add_data_arguments, check_data_arguments, data_spec_from_args
 from .runner import command_parser, entry_point
 
 __all__ = ["build_parser", "main", "run"]

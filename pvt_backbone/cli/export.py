@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,37 +16,10 @@ import torch
 from ..config import VARIANTS
 from ..export import export_onnx, export_program, save_program, verify_onnx, verify_program
 from ..registry import create_model
+from .arguments import ImageSize, image_size_argument
 from .runner import command_parser, entry_point
 
-__all__ = ["ExampleSize", "parse_size", "build_parser", "main", "run"]
-
-
-@dataclass(frozen=True)
-class ExampleSize:
-    """An example input's geometry: ``batch`` images of ``height`` x ``width``."""
-
-    height: int
-    width: int
-    batch: int = 1
-
-
-def parse_size(text: str) -> ExampleSize:
-    """``"256x320:2"`` (or ``"224x224"``, batch 1) -> ``ExampleSize``.
-
-    Example:
-        >>> parse_size("256x320:2")
-        ExampleSize(height=256, width=320, batch=2)
-    """
-    size, _, batch = text.strip().partition(":")
-    height, _, width = size.partition("x")
-    try:
-        parsed = ExampleSize(int(height), int(width), int(batch or 1))
-    except ValueError:
-        message = f"size {text!r} is not of the form HEIGHTxWIDTH[:BATCH], e.g. 224x224:1"
-        raise argparse.ArgumentTypeError(message) from None
-    if min(parsed.height, parsed.width, parsed.batch) < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r} must have positive height, width and batch")
-    return parsed
+__all__ = ["build_parser", "main", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,15 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="checkpoint in any supported layout (default: random initialisation)")
     parser.add_argument("--out", required=True, help="output path without suffix; .pt2 / .onnx are appended")
     parser.add_argument("--format", default="both", choices=("pt2", "onnx", "both"))
-    parser.add_argument("--size", type=parse_size, default=ExampleSize(224, 224), help="example HxW[:batch]")
-    parser.add_argument("--verify-size", type=parse_size, default=ExampleSize(256, 320, 2), help="second HxW[:batch]")
+    parser.add_argument("--size", type=image_size_argument, default=ImageSize(224, 224), help="example HxW[:batch]")
+    parser.add_argument(
+        "--verify-size", type=image_size_argument, default=ImageSize(256, 320, 2), help="second HxW[:batch]"
+    )
     parser.add_argument("--static-size", action="store_true", help="fixed height/width (needed for b2_li in ONNX)")
     parser.add_argument("--static-batch", action="store_true", help="fixed batch size")
     parser.add_argument("--atol", type=float, default=1e-4)
     return parser
 
 
-def _images(size: ExampleSize) -> torch.Tensor:
+def _images(size: ImageSize) -> torch.Tensor:
     return torch.randn(size.batch, 3, size.height, size.width)
 
 
@@ -100,3 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 run = entry_point(main)
+
+if __name__ == "__main__":
+    run()

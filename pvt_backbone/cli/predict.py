@@ -21,11 +21,10 @@ from PIL import Image
 from torch import nn
 
 from ..training.data import load_image
-from ..training.distributed import setup_distributed
+from ..training.distributed import DEVICES, setup_distributed
 from ..training.inference import SegmentationMap, draw, find_images, load_trained, predict
 from ..training.tasks import ModelSpec
 from ..weights.io import atomic_write
-from .common import DEVICES
 from .runner import UsageError, command_parser, entry_point
 
 __all__ = ["build_parser", "main", "run"]

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
     "UsageError",
     "command_parser",
+    "flag_names",
+    "in_flags",
     "run_command",
     "entry_point",
     "one_line",
@@ -48,6 +51,36 @@ def command_parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         description=summary, epilog=examples or None, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination (the library's parameter name) -> its flag, from ``parser``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = parser.add_argument("--max-steps", type=int)
+        >>> flag_names(parser)
+        {'max_steps': '--max-steps'}
+    """
+    return {
+        action.dest: max(action.option_strings, key=len)
+        for action in parser._actions  # argparse keeps its actions only here
+        if action.option_strings and action.dest != "help"
+    }
+
+
+def in_flags(text: str, flags: Mapping[str, str]) -> str:
+    """``text`` with each library spelling in ``flags`` (a parameter name, ``name=value``) written as its flag.
+
+    Names are replaced as whole words, longest first, so ``lr`` does not touch ``min_lr_ratio``.
+
+    Example:
+        >>> in_flags("lr must be > 0; min_lr_ratio too", {"lr": "--lr", "min_lr_ratio": "--min-lr-ratio"})
+        '--lr must be > 0; --min-lr-ratio too'
+    """
+    for spelling in sorted(flags, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(spelling)}(?![\w])", lambda _, flag=flags[spelling]: flag, text)
+    return text
 
 
 def one_line(error: BaseException) -> str:

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 
 from ..config import VARIANTS
 from ..training.checkpoint import latest_checkpoint
+from ..training.distributed import DEVICES
+from ..training.schedule import SCHEDULES
 from ..training.tasks import HEAD_NORMS, resolve_task_model
 from ..training.trainer import TrainConfig, train
 from .common import (
-    DEVICES,
     add_data_arguments,
     add_model_arguments,
     check_data_arguments,
@@ -31,7 +32,7 @@ from .common import (
     data_spec_from_args,
     parse_model_args,
 )
-from .runner import UsageError, command_parser, entry_point
+from .runner import UsageError, command_parser, entry_point, flag_names, in_flags
 
 __all__ = ["build_parser", "config_from_args", "main", "run"]
 
@@ -65,7 +66,7 @@ def _add_optimizer_group(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     opt.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone LR multiplier (default 1)")
     opt.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of the run, at most 500)")
-    opt.add_argument("--schedule", choices=("cosine", "poly"), default="cosine", help="decay after warm-up")
+    opt.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="decay after warm-up")
     opt.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR / peak LR (default 0.01)")
     opt.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
     opt.add_argument("--amp", action="store_true", help="mixed precision (fp16 on GPU, bf16 on CPU)")
@@ -158,11 +159,22 @@ def _check_command_line(args: argparse.Namespace) -> None:
         )
 
 
+def _checked_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    """The run's settings, checked; a bad value is a usage error worded with its flag (``--lr``, not ``lr``)."""
+    config = config_from_args(args)
+    try:
+        config.check()
+    except (ValueError, TypeError) as error:
+        raise UsageError(in_flags(str(error), flag_names(parser))) from error
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``pvt-train``: train, then print where the last checkpoint went (rank 0 only)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _check_command_line(args)
-    result = train(config_from_args(args))
+    result = train(_checked_config(args, parser))
     if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {result.checkpoint.directory} (step {result.steps}, {result.seconds:.0f} s)")
     return 0

@@ -1,5 +1,5 @@
-"""Training, evaluation and prediction for PVTv2 detectors and segmenters (what ``tools/train.py``,
-``tools/evaluate.py`` and ``tools/predict.py`` run)."""
+"""Training, evaluation and prediction for PVTv2 detectors and segmenters: the application behind ``pvt-train``,
+``pvt-evaluate`` and ``pvt-predict``. Needs the ``[train]`` extra; ``import pvt_backbone`` never imports it."""
 
 from .checkpoint import RunCheckpoint, latest_checkpoint, load_run_weights, resolve_checkpoint, save_checkpoint
 from .evaluation import ConfusionMatrix, coco_evaluate, coco_results, evaluate_detection, evaluate_segmentation

@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
 
 from ..weights.io import atomic_write
 from ..weights.layouts import CheckpointError
 from ..weights.load import load_model_weights
+from ..weights.save import safetensors_ready
 
 __all__ = [
     "RunCheckpoint",
@@ -116,14 +117,7 @@ def save_model_weights(model: nn.Module, path: str | Path, *, metadata: Mapping[
         pvt_backbone.model_class = Linear
         pvt_backbone.step = 7
     """
-    tensors: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors sharing memory
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        tensors[key] = tensor
+    tensors = safetensors_ready(model.state_dict())
     header = {
         "format": "pt",
         "pvt_backbone.kind": MODEL_KIND,

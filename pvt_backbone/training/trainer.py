@@ -83,14 +83,14 @@ _INT_MINIMUMS: dict[str, int | None] = {
     "log_every": 1,
     "keep_checkpoints": 1,
     "workers": 0,
-    "seed": None,
+    "seed": 0,  # numpy generators take no negative seed
 }
 _OPTIONAL_INTS = ("epochs", "max_steps", "warmup_steps")
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run; ``tools/train.py`` maps its flags one to one onto these fields.
+    """Every knob of a run; ``pvt-train`` (``pvt_backbone.cli.train``) maps its flags one to one onto these fields.
 
     Length: ``max_steps`` optimizer steps, or ``epochs`` passes over the training set (per-rank shard / batch size
     steps each). ``batch_size`` is per process. ``warmup_steps=None`` warms up over 5% of the run (at most 500).

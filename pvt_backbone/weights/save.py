@@ -25,7 +25,7 @@ from .io import HUB_PREFIX, Checkpoint, WeightsSource, atomic_write, file_sha256
 from .layouts import CheckpointError, DroppedKey, from_native
 from .load import LoadReport
 
-__all__ = ["DTYPES", "SaveReport", "save_weights", "write_safetensors"]
+__all__ = ["DTYPES", "SaveReport", "save_weights", "write_safetensors", "safetensors_ready"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,8 +43,8 @@ class SaveReport:
     metadata: Mapping[str, str]
 
 
-def _prepare(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    """CPU, optional dtype cast of floating tensors, contiguous, and no two tensors sharing memory."""
+def safetensors_ready(tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """What safetensors can write: on the CPU, optionally cast (floating tensors), contiguous, none sharing memory."""
     out, seen = {}, set()
     for key, tensor in tensors.items():
         if tensor.is_meta:
@@ -114,7 +114,7 @@ def write_safetensors(
         except CheckpointError:
             variant = None
     conversion = from_native(native, layout)
-    tensors = _prepare(conversion.state_dict, torch_dtype)
+    tensors = safetensors_ready(conversion.state_dict, torch_dtype)
     metadata = {
         "format": "pt",  # transformers refuses safetensors files without it
         "pvt_backbone.layout": conversion.layout,
