@@ -10,7 +10,6 @@ the backbone starts from random weights and the data is generated from a seed. S
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -26,7 +25,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from heads import resize_bilinear
-from pvt_backbone.cli.runner import run_command
+from pvt_backbone.cli.runner import command_parser, run_command
 from pvt_backbone.training.inference import draw, predict
 from pvt_backbone.training.tasks import DataSpec, ModelSpec, build_datasets
 from pvt_backbone.training.trainer import TrainConfig, TrainResult, train
@@ -140,7 +139,7 @@ def _write_outputs(output: Path, config: TrainConfig, result: TrainResult, metri
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, evaluate and draw; exit 1 when the final bbox mAP50 misses ``TARGET_MAP50``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_parser(__doc__)
     parser.add_argument("--output-dir", default="runs/demo", help="cleared and refilled (default runs/demo)")
     parser.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS})")
     args = parser.parse_args(argv)

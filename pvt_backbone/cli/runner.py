@@ -1,5 +1,6 @@
 """The error contract every command follows: exit 0 on success, 1 with one line on stderr for an error, 2 for a usage
-error (argparse's own exit, or :class:`UsageError`), 130 on Ctrl-C. ``PVT_DEBUG=1`` shows the traceback instead.
+error (argparse's own exit, or :class:`UsageError`), 130 on Ctrl-C. ``--debug`` (every command has it) or
+``PVT_DEBUG=1`` shows the traceback instead.
 
 The library raises its own errors (``ValueError``/``TypeError`` subclasses such as ``CheckpointError``,
 ``FileNotFoundError``); the command only words them: the message, on one line, after the program's name.
@@ -44,13 +45,15 @@ def command_parser(doc: str | None) -> argparse.ArgumentParser:
     """A command's parser: its docstring's first paragraph as the description, the rest (usage examples) verbatim.
 
     Example:
-        >>> command_parser("Do it.\\n\\n    pvt-do --now\\n").format_help().splitlines()[2:]
-        ['Do it.', '', 'options:', '  -h, --help  show this help message and exit', '', '    pvt-do --now']
+        >>> command_parser("Do it.\\n\\n    pvt-do --now\\n").format_help().splitlines()[2:5]
+        ['Do it.', '', 'options:']
     """
     summary, _, examples = (doc or "").strip("\n").partition("\n\n")
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description=summary, epilog=examples or None, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (run_command reads it)")
+    return parser
 
 
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -117,6 +120,7 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
         (1, 'error: weights.pth: no such file\\n')
     """
     prog = os.path.basename(sys.argv[0]) or "pvt_backbone"
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv) or bool(os.environ.get("PVT_DEBUG"))
     try:
         return main(argv)
     except KeyboardInterrupt:
@@ -125,7 +129,7 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     except SystemExit:
         raise  # argparse: usage printed, status 2 (or 0 for --help)
     except Exception as error:  # noqa: BLE001 - a command reports, it does not crash
-        if os.environ.get("PVT_DEBUG"):
+        if debug:
             raise
         message = one_line(error)
         if not isinstance(error, _EXPECTED):
