@@ -16,6 +16,7 @@ from pvt_backbone.cli.runner import one_line
 from pvt_backbone.training.data import (
     CocoDetection,
     DataError,
+    DataWarning,
     SegmentationFolder,
     SyntheticConfig,
     SyntheticSegmentation,
@@ -220,7 +221,10 @@ def test_coco_missing_unreadable_and_invalid_files(tmp_path: Path) -> None:
 def test_coco_masks_required_when_requested(tmp_path: Path) -> None:
     ann = {"id": 9, "image_id": 10, "category_id": 3, "bbox": [0, 0, 2, 2]}
     images, annotation = _coco_files(tmp_path, annotations=[ann])
-    CocoDetection(images, annotation)  # boxes only: fine
+    with pytest.warns(DataWarning) as reports:  # boxes only: fine; area and iscrowd are derived
+        data = CocoDetection(images, annotation)
+    assert data.repairs == {"iscrowd": 1, "area": 1} and len(reports) == 2
+    assert data.coco.anns[9]["area"] == 4.0 and data.coco.anns[9]["iscrowd"] == 0  # the box's w * h
     with pytest.raises(DataError, match="annotation id 9 has no 'segmentation'"):
         CocoDetection(images, annotation, masks=True)
 

@@ -2,7 +2,7 @@
 
 from .base import IGNORE_INDEX, DetectionDataset, SegmentationDataset
 from .coco import CocoDetection, load_image
-from .errors import DataError
+from .errors import DataError, DataWarning
 from .folder import SegmentationFolder
 from .synthetic import (
     SHAPES,
@@ -16,6 +16,7 @@ from .synthetic import (
 
 __all__ = [
     "DataError",
+    "DataWarning",
     "DetectionDataset",
     "SegmentationDataset",
     "IGNORE_INDEX",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DataError"]
+__all__ = ["DataError", "DataWarning"]
 
 
 class DataError(ValueError):
@@ -24,3 +24,10 @@ class DataError(ValueError):
         super().__init__(message)
         self.path = str(path) if problem is not None else None
         self.problem = problem
+
+
+class DataWarning(UserWarning):
+    """A dataset file was repaired when the dataset was built (e.g. a COCO field that COCO tools derive was missing).
+
+    The message starts with the file, says how many entries were repaired and how.
+    """

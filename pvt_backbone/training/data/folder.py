@@ -3,7 +3,7 @@
 ``images/abc.jpg`` pairs with ``masks/abc.png`` (same stem). Pairing, mask format and class ids are checked when the
 dataset is built, so bad data fails before training with a ``DataError`` naming the file: an empty image folder, an
 image without a mask, an unreadable image or mask, a colour mask, a mask whose size differs from its image, or a
-class id outside ``[0, num_classes)`` other than 255.
+class id outside ``[0, num_classes)`` other than 255 (without ``num_classes``: outside ``[0, 255)``).
 
 Example:
     >>> from pvt_backbone.training.data import SyntheticConfig, SyntheticSegmentation, write_mask_folder
@@ -78,14 +78,11 @@ def _largest_class_id(image_path: Path, mask_path: Path, num_classes: int | None
         )
     ids = np.unique(mask)
     ids = ids[ids != IGNORE_INDEX]
-    if num_classes is not None:
-        bad = ids[(ids < 0) | (ids >= num_classes)]
-        if bad.size:
-            raise DataError(
-                mask_path,
-                f"class ids {bad.tolist()} outside [0, {num_classes}) "
-                f"(num_classes={num_classes}; {IGNORE_INDEX} = ignore)",
-            )
+    limit = IGNORE_INDEX if num_classes is None else num_classes  # without num_classes: any id a class can have
+    bad = ids[(ids < 0) | (ids >= limit)]
+    if bad.size:
+        setting = "" if num_classes is None else f"num_classes={num_classes}; "
+        raise DataError(mask_path, f"class ids {bad.tolist()} outside [0, {limit}) ({setting}{IGNORE_INDEX} = ignore)")
     return int(ids.max()) if ids.size else -1
 
 
