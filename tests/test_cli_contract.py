@@ -61,3 +61,16 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
         [sys.executable, script, "--inspect", missing, "--debug"], capture_output=True, text=True, timeout=120
     )
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_warnings_are_one_line(capsys) -> None:
+    import warnings
+
+    def main(argv):
+        warnings.warn("data.json: 3 annotations had no 'area';\nderived from their masks", stacklevel=1)
+        return 0
+
+    assert run_command(main, []) == 0
+    err = capsys.readouterr().err
+    assert err.strip().endswith("warning: data.json: 3 annotations had no 'area'; derived from their masks")
+    assert len(err.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
@@ -103,7 +104,7 @@ def one_line(error: BaseException) -> str:
         return type(error).__name__
     joined = lines[0]
     for previous, line in zip(lines, lines[1:]):
-        joined += (" " if previous.endswith(":") else "; ") + line
+        joined += (" " if previous.endswith((":", ";", ",")) else "; ") + line
     return joined
 
 
@@ -122,7 +123,10 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     prog = os.path.basename(sys.argv[0]) or "pvt_backbone"
     debug = "--debug" in (sys.argv[1:] if argv is None else argv) or bool(os.environ.get("PVT_DEBUG"))
     try:
-        return main(argv)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _one_line_warning(prog)
+            return main(argv)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPT
@@ -136,6 +140,15 @@ def run_command(main: Callable[[Sequence[str] | None], int], argv: Sequence[str]
             message = f"{type(error).__name__}: {message}"
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, UsageError) else EXIT_ERROR
+
+
+def _one_line_warning(prog: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for a command: ``<prog>: warning: <message>`` on one line, no source line."""
+
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        print(f"{prog}: warning: {one_line(Warning(str(message)))}", file=sys.stderr)
+
+    return show
 
 
 def entry_point(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:
