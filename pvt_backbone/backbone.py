@@ -35,6 +35,15 @@ class BackboneOptions(TypedDict, total=False):
     weights: WeightsSource | None
 
 
+def _autocast_mixes(device_type: str, *dtypes: torch.dtype) -> bool:
+    """Whether autocast is on for ``device_type`` and casts all ``dtypes`` (it never casts float64)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
+    return enabled and torch.float64 not in dtypes
+
+
 class PVTv2Stage(nn.Module):
     """One stage on (B, H, W, C) tokens: [downsample] -> blocks -> LayerNorm. Stage 0's embedding lives outside."""
 
@@ -84,6 +93,8 @@ class PVTv2Stage(nn.Module):
         """(B, H, W, C_prev) tokens (stage 0: the embedded image) -> (B, H', W', C) normalized tokens."""
         if self.downsample is not None:
             x = self.downsample(x.permute(0, 3, 1, 2))
+        if x.shape[0] == 0:  # an empty batch: every block maps it to itself, and attention cannot reshape nothing
+            return self.norm(x)
         # The one place the inference path is chosen: same function, fewer allocations (see fast_inference).
         if self.fast_inference and fast_inference.applies(self):
             for block in self.blocks:
@@ -204,6 +215,12 @@ class PVTv2Trunk(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point input, got dtype {x.dtype}; convert with x.float()")
+        dtype = self.patch_embed.proj.weight.dtype
+        if x.dtype != dtype and not _autocast_mixes(x.device.type, x.dtype, dtype):
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the model's {dtype}; convert with x.to({dtype}), or run "
+                "under autocast (pvt_backbone.amp.autocast)"
+            )
         height, width = x.shape[-2:]
         if height < self.min_input_size or width < self.min_input_size:
             raise ValueError(
@@ -214,7 +231,7 @@ class PVTv2Trunk(nn.Module):
             )
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        """(B, C_in, H, W) image -> {str(i): (B, C_i, ceil-sized H_i, W_i)} for i in ``out_indices``.
+        """(B, C_in, H, W) image -> {str(i): (B, C_i, ceil-sized H_i, W_i)} for i in ``out_indices``; B may be 0.
 
         The maps are NCHW views of channels-last memory (``x.is_contiguous(memory_format=torch.channels_last)``).
         """

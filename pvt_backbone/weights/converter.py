@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import PVTv2Backbone
-from ..config import VARIANTS
+from ..config import NUM_STAGES, VARIANTS, PVTv2Config
 from .detect import Architecture, infer_architecture, to_native
 from .io import Checkpoint, WeightsSource, read_checkpoint
 from .layouts import (
@@ -62,6 +62,12 @@ class CheckpointInfo:
     dropped: tuple[DroppedKey, ...]
     notes: tuple[str, ...]
     metadata: Mapping[str, str]
+    misfit: tuple[str, ...] = ()  # what the tensors were checked against, then each difference; () when they fit
+
+    @property
+    def fits(self) -> bool:
+        """Whether every tensor has the key and shape of the configuration the shapes point to."""
+        return not self.misfit
 
     def format(self) -> str:
         """One ``label: value`` line per fact (file, sha256, layout, variant, parameters, head, shapes, metadata)."""
@@ -72,48 +78,92 @@ class CheckpointInfo:
             f"layout:     {self.layout}"
             + (f" under prefix {self.prefix!r}" if self.prefix else "")
             + (f" in {self.container}" if self.container else ""),
-            f"variant:    {arch.variant or ('/'.join(arch.variants) if arch.variants else 'none')}"
-            + (f" (lookalike: {arch.lookalike})" if arch.lookalike else ""),
+            f"variant:    {self._variant()}",
             f"parameters: {arch.num_params:,} in {self.num_tensors} native tensors ({', '.join(self.dtypes)}; "
             f"{self.file_tensors} tensors in the file)",
             f"head:       {arch.num_classes} classes" if arch.num_classes else "head:       none (backbone weights)",
             f"shapes:     {arch.describe()}",
         ]
+        if self.misfit:
+            lines += [f"  does not fit {self.misfit[0]}:", *self.misfit[1:]]
         lines += [f"metadata:   {key} = {value}" for key, value in self.metadata.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines + dropped_lines(self.dropped))
 
+    def _variant(self) -> str:
+        arch = self.architecture
+        if self.misfit:
+            return f"none: the tensors do not fit {self.misfit[0]} (listed under shapes)"
+        name = arch.variant or ("/".join(arch.variants) if arch.variants else "none")
+        return name + (f" (lookalike: {arch.lookalike})" if arch.lookalike else "")
 
-def _check_variant(native: Mapping[str, Tensor], variant: str, architecture: Architecture) -> None:
-    """Raise unless every native tensor has exactly the key and shape our ``variant`` model has."""
-    if variant not in VARIANTS:
+
+def _inferred_config(native: Mapping[str, Tensor], architecture: Architecture) -> PVTv2Config:
+    """The configuration the shapes describe, padded to four stages (the pad builds nothing: only the first
+    ``num_stages`` are checked). ``num_heads`` changes no shape, so one head per stage stands in for it."""
+    pad = NUM_STAGES - architecture.num_stages
+    try:
+        return PVTv2Config(
+            embed_dims=architecture.embed_dims + architecture.embed_dims[-1:] * pad,
+            depths=architecture.depths + (1,) * pad,
+            num_heads=(1,) * NUM_STAGES,
+            mlp_ratios=architecture.mlp_ratios + architecture.mlp_ratios[-1:] * pad,
+            sr_ratios=architecture.sr_ratios + (1,) * pad,
+            qkv_bias="stages.0.blocks.0.attn.q.bias" in native,
+            linear=architecture.linear,
+        )
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"its shapes describe no buildable PVTv2 configuration: {exc}") from None
+
+
+def _misfit(native: Mapping[str, Tensor], architecture: Architecture, variant: str | None) -> tuple[str, list[str]]:
+    """(what was checked, one line per kind of difference; [] when every key and shape fits).
+
+    ``variant`` None: the variant the shapes point to, or the custom configuration they describe.
+    """
+    if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    name = variant if variant is not None else (architecture.variants[0] if architecture.variants else None)
+    config = VARIANTS[name] if name else _inferred_config(native, architecture)
     _, head = split_head(native)
     with torch.device("meta"):  # keys and shapes only: no memory, no init
-        model = PVTv2Backbone(variant, out_indices=(architecture.num_stages - 1,), in_channels=architecture.in_channels)
+        model = PVTv2Backbone(config, out_indices=(architecture.num_stages - 1,), in_channels=architecture.in_channels)
     expected = dict(model.state_dict())
     if head:
-        expected["head.weight"] = torch.empty(architecture.num_classes, VARIANTS[variant].embed_dims[-1], device="meta")
+        expected["head.weight"] = torch.empty(architecture.num_classes, config.embed_dims[-1], device="meta")
         expected["head.bias"] = torch.empty(architecture.num_classes, device="meta")
-    comparison = compare_state_dicts(native, expected)
-    if comparison:
-        raise CheckpointError(
-            "\n".join(
-                [f"the checkpoint is not PVTv2-{variant}; it holds {architecture.describe()}", *comparison.lines()]
-            )
-        )
+    target = f"PVTv2-{name}" if name else "the custom configuration its shapes describe"
+    return target, compare_state_dicts(native, expected).lines()
+
+
+def _check_fit(native: Mapping[str, Tensor], architecture: Architecture, variant: str | None) -> None:
+    """Raise unless every native tensor has exactly the key and shape of ``variant`` (default: the inferred one)."""
+    target, lines = _misfit(native, architecture, variant)
+    if not lines:
+        return
+    if variant is not None:
+        first = f"the checkpoint is not {target}; it holds {architecture.describe()}"
+    else:
+        what = f"point to {architecture.describe()}" if architecture.variants else f"describe {architecture.describe()}"
+        fits = target if architecture.variants else "that configuration"
+        first = f"the checkpoint's shapes {what}, but not every tensor fits {fits}:"
+    raise CheckpointError("\n".join([first, *lines]))
 
 
 def _inspect(
-    source: WeightsSource, *, layout: str, prefix: str | None, variant: str | None, trust_pickle: bool
+    source: WeightsSource, *, layout: str, prefix: str | None, variant: str | None, trust_pickle: bool, strict: bool
 ) -> tuple[CheckpointInfo, Checkpoint, dict[str, Tensor]]:
-    """(the info, the checkpoint as read, its native state dict)."""
+    """(the info, the checkpoint as read, its native state dict); ``strict`` raises where the tensors do not fit."""
     checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
     conversion = to_native(checkpoint.content, layout=layout, prefix=prefix)
     file_tensors = len(unwrap_checkpoint(checkpoint.content)[0])
     architecture = infer_architecture(conversion.state_dict)
-    if variant is not None:
-        _check_variant(conversion.state_dict, variant, architecture)
+    misfit: tuple[str, ...] = ()
+    if strict or variant is not None:
+        _check_fit(conversion.state_dict, architecture, variant)
+    else:
+        target, lines = _misfit(conversion.state_dict, architecture, None)
+        misfit = (target, *lines) if lines else ()
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in conversion.state_dict.values()})
     info = CheckpointInfo(
         **checkpoint.provenance(conversion),
@@ -123,6 +173,7 @@ def _inspect(
         dtypes=tuple(dtypes),
         dropped=conversion.dropped,
         notes=conversion.notes,
+        misfit=misfit,
     )
     return info, checkpoint, conversion.state_dict
 
@@ -137,12 +188,14 @@ def inspect_checkpoint(
 ) -> CheckpointInfo:
     """Read a checkpoint, find its layout and infer its architecture without building a model.
 
-    ``variant`` additionally checks that every tensor matches that variant's keys and shapes.
+    Every tensor is checked against the keys and shapes of the variant the shapes point to (or the custom
+    configuration they describe); differences are reported in ``misfit``, and the file is not labelled a variant.
+    ``variant`` requires that variant instead, and raises where the file does not fit it.
 
     Raises:
-        CheckpointError: unreadable file, unknown layout, PVT v1, or (with ``variant``) a shape mismatch.
+        CheckpointError: unreadable file, unknown layout, PVT v1, or (with ``variant``) a key or shape mismatch.
     """
-    return _inspect(source, layout=layout, prefix=prefix, variant=variant, trust_pickle=trust_pickle)[0]
+    return _inspect(source, layout=layout, prefix=prefix, variant=variant, trust_pickle=trust_pickle, strict=False)[0]
 
 
 @dataclass(frozen=True)
@@ -186,13 +239,15 @@ def convert_checkpoint(
         to: ``backbone`` (native keys without a head), ``classifier`` (native keys with the head; the input must have
             one), or a layout name (``timm``, ``timm_features``, ``pvt``, ``hf``, ``mmdet``, ``lucid``), which keeps
             the head if the layout can hold it.
-        variant: require the weights to be exactly this variant (keys and shapes); default: inferred.
+        variant: require the weights to be exactly this variant; default: the variant the shapes point to (or the
+            custom configuration they describe). Either way every key and shape is checked, and a file that does
+            not fit raises ``CheckpointError`` before anything is written.
         dtype: cast floating tensors of the output (``"float16"``, ``"bfloat16"``, ...).
     """
     if to not in CONVERT_TARGETS:
         raise ValueError(f"unknown target {to!r}; expected one of {list(CONVERT_TARGETS)}")
     info, checkpoint, native = _inspect(
-        source, layout=from_layout, prefix=None, variant=variant, trust_pickle=trust_pickle
+        source, layout=from_layout, prefix=None, variant=variant, trust_pickle=trust_pickle, strict=True
     )
     body, head = split_head(native)
     dropped: tuple[DroppedKey, ...] = ()

@@ -226,7 +226,7 @@ def _refusal(model: nn.Module, source: str, layout: str, architecture: Architect
     elif architecture and architecture.variant and architecture.variant != _variant_of(model):
         lines.append(
             f"  hint: build the matching model, e.g. PVTv2Backbone.{architecture.variant}() or "
-            f"pvt_v2_{architecture.variant}(), or pass strict=False to load what fits"
+            f"pvt_v2_{architecture.variant}(), or load what fits with load_weights(model, weights, strict=False)"
         )
     lines.append("Nothing was loaded; the model is unchanged.")
     return CheckpointError("\n".join(lines))
