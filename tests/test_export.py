@@ -11,11 +11,14 @@ import torch
 from pvt_backbone import PVTv2Backbone, PVTv2Config
 from pvt_backbone.classifier import build_classifier
 from pvt_backbone.export import (
+    check_export_sizes,
     check_onnx_exportable,
     export_onnx,
     export_program,
+    export_verified_onnx,
     load_program,
     save_program,
+    save_verified_program,
     verify_onnx,
     verify_program,
 )
@@ -116,3 +119,36 @@ def test_writers_check_suffix_and_leave_nothing_on_failure(
     with pytest.raises(OSError, match="disk full"):
         save_program(program, tmp_path / "model.pt2")
     assert not list(tmp_path.iterdir())
+
+
+def test_verified_writers_keep_a_failed_export_off_the_path(tiny_config: PVTv2Config, tmp_path: Path) -> None:
+    model, other = PVTv2Backbone(tiny_config).eval(), PVTv2Backbone(tiny_config).eval()  # two random inits
+    example, x = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 96, 64)
+    program = export_program(model, example)
+    (tmp_path / "kept.pt2").write_bytes(b"older export")
+    assert not save_verified_program(program, tmp_path / "kept.pt2", other, x).ok
+    assert not save_verified_program(program, tmp_path / "new.pt2", other, x).ok
+    assert export_verified_onnx(model, example, x, tmp_path / "new.onnx", threads=1).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.pt2", "new.onnx"]
+    assert (tmp_path / "kept.pt2").read_bytes() == b"older export"  # what was there stays as it was
+    # onnxruntime's kernels round differently from eager ones, so nothing meets atol=0
+    assert not export_verified_onnx(model, example, x, tmp_path / "bad.onnx", atol=0.0, threads=1).ok
+    assert "bad.onnx" not in {p.name for p in tmp_path.iterdir()}
+    result = save_verified_program(program, tmp_path / "good.pt2", model, x)
+    assert result.ok and verify_program(load_program(tmp_path / "good.pt2"), model, x).ok
+
+
+def test_sizes_an_export_cannot_take_are_value_errors(tiny_config: PVTv2Config) -> None:
+    model = PVTv2Backbone(tiny_config).eval()
+    example = torch.randn(1, 3, 64, 64)
+    static = export_program(model, example, dynamic_height=False, dynamic_width=False)
+    with pytest.raises(ValueError, match=r"does not accept x of shape \(1, 3, 96, 64\)"):
+        verify_program(static, model, torch.randn(1, 3, 96, 64))
+    with pytest.raises(ValueError, match="verify_input 32x32 is below 64x64"):
+        check_export_sizes(model, example, torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="dynamic_height=False accepts that size only"):
+        check_export_sizes(model, example, torch.randn(1, 3, 96, 64), dynamic_height=False)
+    with pytest.raises(ValueError, match="verify_input batch 2 differs from example batch 1"):
+        check_export_sizes(model, example, torch.randn(2, 3, 64, 64), dynamic_batch=False)
+    with pytest.raises(ValueError, match="atol must be"):
+        verify_program(static, model, example, atol=float("nan"))

@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pvt_backbone import export as export_module
+from pvt_backbone.cli import export as export_cli
 from pvt_backbone.cli.export import main
-from pvt_backbone.cli.runner import run_command
+from pvt_backbone.cli.runner import EXIT_ERROR, EXIT_USAGE, run_command
+from pvt_backbone.export import Verification
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +42,46 @@ def test_bad_size_is_a_usage_error(
         main([*argv, "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--size", "64x64", "--verify-size", "32x32"], ["--verify-size 32x32", "64"]),
+        (["--size", "64x64", "--verify-size", "16x64", "--static-size"], ["--verify-size 16x64", "29"]),
+        (["--size", "64x64", "--verify-size", "96x64", "--static-size"], ["--verify-size 96x64", "--static-size"]),
+        (["--size", "64x64", "--verify-size", "64x64:2", "--static-batch"], ["batch 2", "--static-batch"]),
+        (["--size", "64x64", "--verify-size", "64x64", "--atol", "nan"], ["--atol"]),
+    ],
+)
+def test_sizes_the_export_cannot_take_are_refused_before_exporting(
+    argv: list[str],
+    fragments: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported before checking the sizes")
+
+    monkeypatch.setattr(export_cli, "export_program", no_export)
+    monkeypatch.setattr(export_cli, "export_onnx", no_export, raising=False)
+    status = run_command(main, ["--variant", "b0", "--format", "pt2", *argv, "--out", str(tmp_path / "b0")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_USAGE, err
+    assert len(err) == 1 and all(fragment in err[0] for fragment in fragments), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_verification_leaves_nothing_at_the_output_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def mismatch(program: object, model: object, x: torch.Tensor, *, atol: float = 1e-4) -> Verification:
+        return Verification(tuple(x.shape), max_abs_diff=1.0, atol=atol)
+
+    monkeypatch.setattr(export_module, "verify_program", mismatch)
+    argv = ["--variant", "b0", "--format", "pt2", "--size", "64x64", "--verify-size", "64x64", "--out"]
+    assert run_command(main, [*argv, str(tmp_path / "b0")]) == EXIT_ERROR
+    assert not list(tmp_path.iterdir())  # neither the unverified file nor a temporary
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "b0.pt2" in err[0] and "atol" in err[0], err

@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_int
 from ..training.checkpoint import resolve_checkpoint
 from ..training.distributed import DEVICES, cleanup_distributed, setup_distributed
 from ..training.inference import load_trained
 from ..training.tasks import DataSpec, ModelSpec, build_datasets, check_same_classes, evaluate
 from ..weights.io import atomic_write
 from .common import add_data_arguments, check_data_arguments, data_spec_from_args
-from .runner import command_parser, entry_point
+from .runner import UsageError, command_parser, entry_point, flag_names, in_flags
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -73,11 +74,23 @@ def _report(args: argparse.Namespace, spec: ModelSpec, images: int, metrics: dic
         atomic_write(Path(args.json), lambda temp: temp.write_text(text + "\n"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``pvt-evaluate``: print the metrics as JSON (rank 0 only) and optionally write them to ``--json``."""
-    args = build_parser().parse_args(argv)
+def _check_command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The counts a run needs, checked before the model loads; a bad one is a usage error worded with its flag."""
     if args.dataset is not None:
         check_data_arguments(args, train=False, require_val=True)
+    try:
+        check_int("batch_size", args.batch_size, minimum=1)
+        if args.val_size is not None:
+            check_int("val_size", args.val_size, minimum=1)
+    except ValueError as error:
+        raise UsageError(in_flags(str(error), flag_names(parser))) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pvt-evaluate``: print the metrics as JSON (rank 0 only) and optionally write them to ``--json``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_command_line(args, parser)
     info = setup_distributed(args.device)
     try:
         model, spec = load_trained(args.checkpoint, device=info.device)

@@ -3,6 +3,11 @@ size against the eager model.
 
     pvt-export --variant b2 --weights pvt_v2_b2.pth --out exports/pvt_v2_b2 --format both
     pvt-export --variant b2_li --format onnx --static-size --size 224x224 --verify-size 224x224:2
+
+The sizes are checked before anything is exported: both at least the model's smallest input, --verify-size at least
+64x64 with a dynamic size (torch.export needs every stage map of the dynamic range to be at least 2), and equal to
+--size where --static-size/--static-batch fix it. Each file is written under a temporary name, verified there and only
+then renamed onto its path: a file that fails its verification never appears (an older file there stays as it was).
 """
 
 from __future__ import annotations
@@ -12,14 +17,34 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from ..checks import check_float
 from ..config import VARIANTS
-from ..export import export_onnx, export_program, save_program, verify_onnx, verify_program
+from ..export import (
+    DEFAULT_MIN_SIZE,
+    Verification,
+    check_export_sizes,
+    check_onnx_exportable,
+    export_program,
+    export_verified_onnx,
+    save_verified_program,
+)
 from ..registry import create_model
 from .arguments import ImageSize, image_size_argument
-from .runner import command_parser, entry_point
+from .runner import UsageError, command_parser, entry_point, in_flags
 
 __all__ = ["build_parser", "main", "run"]
+
+# The export library's parameter names, as this command spells them.
+_FLAGS = {
+    "example": "--size",
+    "verify_input": "--verify-size",
+    "atol": "--atol",
+    "dynamic_height=False and dynamic_width=False": "--static-size",
+    "dynamic_batch=False": "--static-batch",
+    "export_program": "--format pt2",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="both", choices=("pt2", "onnx", "both"))
     parser.add_argument("--size", type=image_size_argument, default=ImageSize(224, 224), help="example HxW[:batch]")
     parser.add_argument(
-        "--verify-size", type=image_size_argument, default=ImageSize(256, 320, 2), help="second HxW[:batch]"
+        "--verify-size",
+        type=image_size_argument,
+        default=ImageSize(256, 320, 2),
+        help=f"second HxW[:batch] (at least {DEFAULT_MIN_SIZE}x{DEFAULT_MIN_SIZE} unless --static-size)",
     )
     parser.add_argument("--static-size", action="store_true", help="fixed height/width (needed for b2_li in ONNX)")
     parser.add_argument("--static-batch", action="store_true", help="fixed batch size")
-    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest |export - eager| a verification accepts")
     return parser
 
 
@@ -44,32 +72,57 @@ def _images(size: ImageSize) -> torch.Tensor:
     return torch.randn(size.batch, 3, size.height, size.width)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Export, verify, print one line per file; exit 1 if a verification exceeds ``--atol``."""
-    args = build_parser().parse_args(argv)
-    name = f"pvt_v2_{args.variant}" + ("_backbone" if args.model == "backbone" else "")
-    model = create_model(name, weights=args.weights).eval()
-    example, check = _images(args.size), _images(args.verify_size)
-    dynamic = {
+def _check_sizes(args: argparse.Namespace, model: nn.Module, example: torch.Tensor, check: torch.Tensor) -> None:
+    """Everything that would make an export or its verification fail, before either runs (:class:`UsageError`)."""
+    try:
+        check_float("atol", args.atol, minimum=0.0)
+        check_export_sizes(model, example, check, **_dynamic(args))
+        if args.format in ("onnx", "both"):
+            check_onnx_exportable(
+                model, example, dynamic_height=not args.static_size, dynamic_width=not args.static_size
+            )
+    except ValueError as error:
+        raise UsageError(in_flags(str(error), _FLAGS)) from None
+
+
+def _dynamic(args: argparse.Namespace) -> dict[str, bool]:
+    return {
         "dynamic_batch": not args.static_batch,
         "dynamic_height": not args.static_size,
         "dynamic_width": not args.static_size,
     }
+
+
+def _report(path: Path, against: str, result: Verification) -> None:
+    verdict = "" if result.ok else f", above --atol {result.atol:g}: not written"
+    print(f"{path}: max |{against} - eager| = {result.max_abs_diff:.2e} at {result.input_shape}{verdict}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export, verify, print one line per file; exit 1 if a verification exceeds ``--atol`` (that file not written)."""
+    args = build_parser().parse_args(argv)
+    name = f"pvt_v2_{args.variant}" + ("_backbone" if args.model == "backbone" else "")
+    model = create_model(name, weights=args.weights).eval()
+    example, check = _images(args.size), _images(args.verify_size)
+    _check_sizes(args, model, example, check)
     out = Path(args.out)
-    failed = False
+    failed: list[str] = []
     if args.format in ("pt2", "both"):
-        program = export_program(model, example, **dynamic)
-        path = save_program(program, out.with_suffix(".pt2"))
-        result = verify_program(program, model, check, atol=args.atol)
-        failed |= not result.ok
-        print(f"{path}: max |export - eager| = {result.max_abs_diff:.2e} at {result.input_shape}")
+        program = export_program(model, example, **_dynamic(args))
+        path = out.with_suffix(".pt2")
+        result = save_verified_program(program, path, model, check, atol=args.atol)
+        _report(path, "export", result)
+        failed += [] if result.ok else [str(path)]
     if args.format in ("onnx", "both"):
-        path = export_onnx(model, example, out.with_suffix(".onnx"), **dynamic)
-        result = verify_onnx(path, model, check, atol=args.atol)
-        failed |= not result.ok
-        print(f"{path}: max |onnxruntime - eager| = {result.max_abs_diff:.2e} at {result.input_shape}")
+        path = out.with_suffix(".onnx")
+        result = export_verified_onnx(model, example, check, path, atol=args.atol, **_dynamic(args))
+        _report(path, "onnxruntime", result)
+        failed += [] if result.ok else [str(path)]
     if failed:
-        raise ValueError(f"verification failed: the exported model differs from eager by more than atol={args.atol}")
+        raise ValueError(
+            f"verification failed: {', '.join(failed)} differ(s) from the eager model by more than --atol "
+            f"{args.atol:g}, so nothing was written there"
+        )
     return 0
 
 

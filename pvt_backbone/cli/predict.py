@@ -5,29 +5,40 @@ torchvision.utils) and optionally a JSON of the detections.
     pvt-predict --checkpoint runs/demo --input "data/val/*.jpg" --output-dir preds --json
     pvt-predict --checkpoint runs/seg --input data/val_images --output-dir preds   # also <name>_mask.png
 
-Each input x.jpg gives <output-dir>/x.png; --json writes <output-dir>/predictions.json.
+Each input x.jpg gives <output-dir>/x.png (segmenters also x_mask.png); --json writes <output-dir>/predictions.json,
+which names every input's output files. Inputs whose outputs would share a name (a.jpg and a.png, or a.png and
+a_mask.png) are named with their suffix instead: a_jpg.png, a_png.png. No output is ever written over an input, nor
+two outputs to one path: an --output-dir that holds any input image is refused (its drawings could replace inputs,
+and a later run over that folder would read them as inputs), and so are inputs that would still share an output
+name (one file name from two folders). An image that cannot be read is skipped with one line on stderr (and listed
+under "skipped" in predictions.json); every other image is still predicted, and the command then exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
-from ..training.data import load_image
+from ..training.data import DataError, load_image
 from ..training.distributed import DEVICES, setup_distributed
 from ..training.inference import SegmentationMap, draw, find_images, load_trained, predict
 from ..training.tasks import ModelSpec
 from ..weights.io import atomic_write
 from .runner import UsageError, command_parser, entry_point
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["Outputs", "build_parser", "plan_outputs", "main", "run"]
+
+Outputs = tuple[Path, Path | None]
+"""Where one input's picture and (segmenters) class-id mask go."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +46,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--input", required=True, help="image file, folder of images, or glob pattern (quote it)")
-    parser.add_argument("--output-dir", required=True, help="pictures (and predictions.json) go here")
+    parser.add_argument(
+        "--output-dir", required=True, help="pictures (and predictions.json) go here; must not hold any input image"
+    )
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--json", action="store_true", help="also write predictions.json")
     parser.add_argument("--device", choices=DEVICES, default="auto")
     return parser
+
+
+def _names(base: str, masks: bool) -> list[str]:
+    return [f"{base}.png", f"{base}_mask.png"] if masks else [f"{base}.png"]
+
+
+def _clashing(bases: Sequence[str], masks: bool) -> dict[str, list[int]]:
+    """Output name (case-folded: some file systems ignore case) -> the inputs writing it, where more than one does."""
+    owners: dict[str, list[int]] = defaultdict(list)
+    for index, base in enumerate(bases):
+        for name in _names(base, masks):
+            owners[name.casefold()].append(index)
+    return {name: sorted(set(indices)) for name, indices in owners.items() if len(set(indices)) > 1}
+
+
+def _check_output_dir(images: Sequence[Path], output_dir: Path) -> None:
+    """:class:`UsageError` if ``output_dir`` holds an input: as a folder entry, or as where a link to one leads."""
+    target = output_dir.resolve()
+    inside = [str(p) for p in images if target in (p.parent.resolve(), p.resolve().parent)]
+    if inside:
+        shown = ", ".join(inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
+        raise UsageError(
+            f"--output-dir {output_dir} holds input images ({shown}); choose a folder that holds none, so that no "
+            "drawing can replace an input or be read as one"
+        )
+
+
+def plan_outputs(images: Sequence[Path], output_dir: Path, *, masks: bool) -> list[Outputs]:
+    """Each input's output paths: ``<stem>.png`` (and ``<stem>_mask.png``), or ``<stem>_<suffix>.png`` for inputs
+    whose plain names would clash; :class:`UsageError` if ``output_dir`` holds an input, if names still clash (one
+    file name from two folders), or if an output path resolves to an input.
+
+    Example:
+        >>> plan = plan_outputs([Path("in/a.jpg"), Path("in/a.png"), Path("in/b.png")], Path("out"), masks=False)
+        >>> [str(picture) for picture, _ in plan]
+        ['out/a_jpg.png', 'out/a_png.png', 'out/b.png']
+    """
+    _check_output_dir(images, output_dir)
+    clashes = {index for indices in _clashing([p.stem for p in images], masks).values() for index in indices}
+    bases = [f"{p.stem}_{p.suffix[1:]}" if i in clashes else p.stem for i, p in enumerate(images)]
+    still = _clashing(bases, masks)
+    if still:
+        name, indices = next(iter(still.items()))
+        shown = " and ".join(str(images[i]) for i in indices)
+        raise UsageError(f"inputs {shown} would both write {name} in --output-dir; predict them into separate folders")
+    plan = [(output_dir / f"{b}.png", output_dir / f"{b}_mask.png" if masks else None) for b in bases]
+    inputs = {path.resolve() for path in images}
+    if any(path.resolve() in inputs for outputs in plan for path in outputs if path is not None):
+        raise UsageError(f"--output-dir {output_dir} leads back to input images; choose another folder")
+    return plan
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -47,35 +110,61 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda temp: Image.fromarray(array).save(temp, format="PNG"))
 
 
-def _predict_one(model: nn.Module, spec: ModelSpec, path: Path, output_dir: Path, threshold: float) -> dict[str, Any]:
-    """Predict on one image file, write ``<stem>.png`` (and ``<stem>_mask.png``); returns its JSON record."""
-    image = load_image(path)
+def _predict_one(
+    model: nn.Module, spec: ModelSpec, image: Tensor, path: Path, outputs: Outputs, threshold: float
+) -> dict[str, Any]:
+    """Predict on one (3, H, W) image read from ``path``, write its picture (and mask); returns its JSON record."""
+    picture, mask = outputs
     prediction = predict(model, spec, image, score_threshold=threshold)
-    _save_png(draw(image, prediction).permute(1, 2, 0).numpy(), output_dir / f"{path.stem}.png")
-    record: dict[str, Any] = {"file": str(path), "width": image.shape[-1], "height": image.shape[-2]}
+    _save_png(draw(image, prediction).permute(1, 2, 0).numpy(), picture)
+    record: dict[str, Any] = {"file": str(path), "picture": str(picture)}
+    record.update(width=image.shape[-1], height=image.shape[-2])
     if isinstance(prediction, SegmentationMap):
-        _save_png(prediction.classes.numpy().astype(np.uint8), output_dir / f"{path.stem}_mask.png")
+        if mask is not None:  # planned for every segmenter input
+            _save_png(prediction.classes.numpy().astype(np.uint8), mask)
+            record["mask"] = str(mask)
         record["class_pixels"] = prediction.to_json()
     else:
         record["detections"] = prediction.to_json(spec.category_ids)
     what = f"{len(record['detections'])} detections" if "detections" in record else "segmentation"
-    print(f"{path} -> {output_dir / (path.stem + '.png')} ({what})")
+    print(f"{path} -> {picture} ({what})")
     return record
+
+
+def _read(path: Path, prog: str, skipped: list[dict[str, str]]) -> Tensor | None:
+    """The (3, H, W) image at ``path``, or None after reporting why it cannot be read (one line on stderr)."""
+    try:
+        return load_image(path)
+    except (DataError, Image.DecompressionBombError) as error:
+        problem = getattr(error, "problem", None) or str(error)
+        print(f"{prog}: skipped {path}: {problem}", file=sys.stderr)
+        skipped.append({"file": str(path), "error": problem})
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``pvt-predict``: one picture per input image, and ``predictions.json`` with ``--json``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not 0.0 <= args.score_threshold <= 1.0:
         raise UsageError(f"--score-threshold must lie in [0, 1], got {args.score_threshold}")
     images = find_images(args.input)
     model, spec = load_trained(args.checkpoint, device=setup_distributed(args.device).device)
     output_dir = Path(args.output_dir)
+    plan = plan_outputs(images, output_dir, masks=spec.task == "segmentation")
     output_dir.mkdir(parents=True, exist_ok=True)
-    records = [_predict_one(model, spec, path, output_dir, args.score_threshold) for path in images]
+    records: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for path, outputs in zip(images, plan):
+        image = _read(path, parser.prog, skipped)
+        if image is not None:
+            records.append(_predict_one(model, spec, image, path, outputs, args.score_threshold))
     if args.json:
-        text = json.dumps({"checkpoint": str(args.checkpoint), "task": spec.task, "images": records}, indent=2)
+        report = {"checkpoint": str(args.checkpoint), "task": spec.task, "images": records, "skipped": skipped}
+        text = json.dumps(report, indent=2)
         atomic_write(output_dir / "predictions.json", lambda temp: temp.write_text(text + "\n"))
+    if skipped:
+        raise ValueError(f"{len(skipped)} of {len(images)} input images could not be read and were skipped")
     return 0
 
 

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from ..checks import check_float
-from .checkpoint import load_run_weights, resolve_checkpoint
+from ..weights.layouts import CheckpointError
+from .checkpoint import CheckpointNotFound, RunCheckpoint, load_run_weights, resolve_checkpoint
 from .data.folder import IMAGE_SUFFIXES
 from .evaluation import segmentation_logits
 from .tasks import ModelSpec, build_model
@@ -106,18 +107,38 @@ class SegmentationMap:
 
 
 def load_trained(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """The eval-mode model of a run directory, checkpoint directory or ``model.safetensors`` with its ``run.json``."""
+    """The eval-mode model of a run directory, checkpoint directory or ``model.safetensors`` with its ``run.json``.
+
+    Raises:
+        CheckpointNotFound: (a ``FileNotFoundError``) no checkpoint at ``path``, or no ``run.json`` beside it.
+        CheckpointError: (a ``ValueError``) the ``run.json`` is not JSON or does not describe a model, or the
+            weights do not fit the model it describes; the message names the file.
+    """
     checkpoint = resolve_checkpoint(path)
-    info = checkpoint.run_info()
-    if "model" not in info:
-        raise FileNotFoundError(
+    spec = _model_spec(checkpoint)
+    try:
+        model = build_model(spec)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint.run}: its model description cannot be built: {error}") from None
+    load_run_weights(model, checkpoint.weights)
+    return model.to(device).eval(), spec
+
+
+def _model_spec(checkpoint: RunCheckpoint) -> ModelSpec:
+    """The :class:`ModelSpec` in a checkpoint's ``run.json``, every way it can be broken named with the file."""
+    try:
+        info = checkpoint.run_info()
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{checkpoint.run}: not a readable run description ({error})") from None
+    if not isinstance(info, dict) or "model" not in info:
+        raise CheckpointNotFound(
             f"{checkpoint.run}: not found or has no model description; a trained model needs the run.json that "
             "training writes next to model.safetensors"
         )
-    spec = ModelSpec.from_dict(info["model"])
-    model = build_model(spec)
-    load_run_weights(model, checkpoint.weights)
-    return model.to(device).eval(), spec
+    try:
+        return ModelSpec.from_dict(info["model"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint.run}: its model description is incomplete or invalid: {error}") from None
 
 
 @torch.no_grad()
