@@ -202,6 +202,8 @@ CLI_ERRORS = [
     ("train", "--clip-grad nan", "--clip-grad must be a finite number >= 0.0, got nan", 2),
     ("train", "--min-lr-ratio -1", "--min-lr-ratio must be a finite number in [0.0, 1.0], got -1.0", 2),
     ("train", "--seed -1", "--seed must be an int >= 0, got -1", 2),
+    ("train", "--dist-timeout 0", "--dist-timeout must be a finite number > 0.0, got 0.0", 2),
+    ("train", "--sync-bn --device cpu", "--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU", 1),
     ("train", "--resume", "nothing to resume", 1),
     ("train", "--output-dir {run}", "already holds a run with checkpoints; pass --resume", 1),
     ("evaluate", "--checkpoint {tmp}/missing", "missing: no such file or directory", 1),
@@ -222,6 +224,26 @@ def test_cli_errors_are_one_short_line(
     err = capsys.readouterr().err
     assert status == code and message in err and "Traceback" not in err
     assert err.startswith(f"{Path(sys.argv[0]).name}: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_resume_with_changed_flags_names_the_flags(ddp_run: Path, tmp_path: Path, capsys) -> None:
+    """A resume refuses settings that differ from the run's, worded with the flags; nothing is written."""
+    argv = ["--resume", ddp_run, "--output-dir", tmp_path / "r", "--lr", "1e-3", "--data-seed", "1"]
+    argv += "--dataset synthetic --model fasterrcnn --variant b0 --max-steps 3 --batch-size 1 --log-every 1".split()
+    assert _run_tool("train", argv + TINY_DATA + TINY_RCNN) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"error: --resume {ddp_run}: --data-seed is 1 here but 0 in the run being resumed; --lr and the process "
+        "count differ too"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_dist_timeout_flag_reaches_the_config() -> None:
+    parser = train_cli.build_parser()
+    args = parser.parse_args(["--max-steps", "1", "--output-dir", "x", "--dist-timeout", "45"])
+    assert train_cli.config_from_args(args).dist_timeout == 45.0
+    assert train_cli.config_from_args(parser.parse_args(["--max-steps", "1", "--output-dir", "x"])).dist_timeout == 600
 
 
 def test_argparse_errors_exit_2_with_usage(tmp_path: Path, capsys) -> None:

@@ -6,22 +6,26 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from ..training.tasks import DATASETS, MODEL_TASK, TASKS, DataSpec
-from .runner import UsageError
+from .runner import UsageError, flag_names
 
 __all__ = [
     "DATASET_FLAGS",
     "add_model_arguments",
     "add_data_arguments",
     "data_spec_from_args",
+    "data_spec_flags",
     "check_data_arguments",
     "check_dataset_task",
     "parse_model_args",
 ]
 
+# DataSpec fields whose flag is not ``--<field>``.
+_DATA_FIELD_DESTS = {"kind": "dataset", "seed": "data_seed"}
 # The path flags each file-based dataset needs, per split: (images, labels).
 DATASET_FLAGS = {
     "coco": ("images", "annotations"),
@@ -83,6 +87,23 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
         image_size=args.image_size,
         seed=args.data_seed,
     )
+
+
+def data_spec_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """How the library names each :class:`DataSpec` field (``data.<field>``) -> its flag in ``parser``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_data_arguments(parser)
+        >>> flags = data_spec_flags(parser)
+        >>> flags["data.kind"], flags["data.seed"], flags["data.train_size"]
+        ('--dataset', '--data-seed', '--train-size')
+    """
+    flags = flag_names(parser)
+    names = {
+        f"data.{field.name}": _DATA_FIELD_DESTS.get(field.name, field.name) for field in dataclasses.fields(DataSpec)
+    }
+    return {name: flags[dest] for name, dest in names.items() if dest in flags}
 
 
 def _split_flags(kind: str, split: str) -> tuple[str, ...]:

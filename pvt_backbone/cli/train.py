@@ -20,15 +20,16 @@ from collections.abc import Sequence
 
 from ..config import VARIANTS
 from ..training.checkpoint import latest_checkpoint
-from ..training.distributed import DEVICES
+from ..training.distributed import DEFAULT_TIMEOUT, DEVICES
 from ..training.schedule import SCHEDULES
 from ..training.tasks import HEAD_NORMS, resolve_task_model
-from ..training.trainer import TrainConfig, train
+from ..training.trainer import SettingsError, TrainConfig, train
 from .common import (
     add_data_arguments,
     add_model_arguments,
     check_data_arguments,
     check_dataset_task,
+    data_spec_flags,
     data_spec_from_args,
     parse_model_args,
 )
@@ -89,11 +90,18 @@ def _add_run_group(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept (default 2)")
     run.add_argument("--log-every", type=int, default=10, help="log a JSON line every N steps (default 10)")
-    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the heads under torchrun")
+    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the heads under torchrun (needs CUDA)")
     run.add_argument("--workers", type=int, default=2, help="DataLoader workers per process (default 2)")
     run.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
     run.add_argument("--device", choices=DEVICES, default="auto", help="default: GPU if available")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"under torchrun: how long a process waits for a silent peer before failing (default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
         progress=not args.no_progress,
+        dist_timeout=args.dist_timeout,
     )
 
 
@@ -169,12 +178,29 @@ def _checked_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return config
 
 
+def _in_flags(error: SettingsError, parser: argparse.ArgumentParser, args: argparse.Namespace) -> SettingsError:
+    """A refused setting worded for the command line: ``--lr``, ``--data-seed``, ``--resume``, not the parameters."""
+    flags = {
+        **flag_names(parser),
+        **data_spec_flags(parser),
+        "resume=True": "--resume",
+        f"resume={str(args.resume)!r}": f"--resume {args.resume}",
+        "sync_bn=True": "--sync-bn",
+        "world_size": "the process count",
+    }
+    named = {name: flags[name] for name in error.settings if name in flags}
+    return SettingsError(in_flags(str(error), named), settings=error.settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``pvt-train``: train, then print where the last checkpoint went (rank 0 only)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_command_line(args)
-    result = train(_checked_config(args, parser))
+    try:
+        result = train(_checked_config(args, parser))
+    except SettingsError as error:  # a resume with other settings, or sync_bn on a CPU
+        raise _in_flags(error, parser, args) from error
     if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {result.checkpoint.directory} (step {result.steps}, {result.seconds:.0f} s)")
     return 0

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checks import check_choice
+from ..checks import check_choice, check_float
 
 __all__ = [
     "DEVICES",
+    "DEFAULT_TIMEOUT",
     "DistInfo",
     "setup_distributed",
     "cleanup_distributed",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_TIMEOUT = 600.0  # seconds a collective waits for a silent peer (gloo's own default is 30 minutes)
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto", *, timeout: float = DEFAULT_TIMEOUT) -> DistInfo:
     """Join torchrun's process group if launched by it; choose the device.
 
     Args:
         device: ``"auto"`` (the GPU ``LOCAL_RANK`` if CUDA is available, else the CPU), ``"cpu"`` or ``"cuda"``.
+        timeout: seconds every collective (and the rendezvous) waits for the other ranks before raising; a hung or
+            stopped rank then fails the others instead of keeping them waiting.
     """
     check_choice("device", device, DEVICES)
+    check_float("timeout", timeout, minimum=0.0, inclusive=False)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     world_size = _env_int("WORLD_SIZE", 1)
@@ -87,7 +93,11 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         chosen = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, device_id=chosen if use_cuda else None)
+        dist.init_process_group(
+            backend=backend,
+            device_id=chosen if use_cuda else None,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
 
 

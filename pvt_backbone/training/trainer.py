@@ -21,7 +21,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,10 @@ from ..amp import autocast
 from ..checks import check_choice, check_float, check_int
 from ..optim import param_groups
 from ..weights.io import atomic_write
+from ..weights.layouts import CheckpointError
 from .checkpoint import (
     RunCheckpoint,
+    check_finite_weights,
     latest_checkpoint,
     load_run_weights,
     load_training_state,
@@ -51,7 +53,15 @@ from .data.transforms import (
     collate_detection,
     collate_segmentation,
 )
-from .distributed import DEVICES, DistInfo, barrier, cleanup_distributed, replica_digests, setup_distributed
+from .distributed import (
+    DEFAULT_TIMEOUT,
+    DEVICES,
+    DistInfo,
+    barrier,
+    cleanup_distributed,
+    replica_digests,
+    setup_distributed,
+)
 from .logs import LOG_FILE, LOSS_PNG, RunLog, plot_loss_curve, read_log
 from .rng import gather_rng_states, seed_everything, set_rng_state
 from .schedule import SCHEDULES, LRSchedule
@@ -68,7 +78,7 @@ from .tasks import (
     training_loss,
 )
 
-__all__ = ["TrainConfig", "TrainResult", "train", "plot_loss_curve", "read_log"]
+__all__ = ["TrainConfig", "TrainResult", "SettingsError", "train", "plot_loss_curve", "read_log"]
 
 _OnEval = Callable[[int, dict[str, Any]], None]  # on_eval(step, metrics)
 
@@ -87,6 +97,57 @@ _INT_MINIMUMS: dict[str, int | None] = {
 }
 _OPTIONAL_INTS = ("epochs", "max_steps", "warmup_steps")
 
+# What a resume keeps (TrainConfig's docstring): fields compared with the run being resumed, one by one ...
+_RESUME_COMPARED = (
+    "task",
+    "model",
+    "variant",
+    "weights_backbone",
+    "trainable_stages",
+    "head_norm",
+    "model_options",
+    "data",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "backbone_lr_mult",
+    "clip_grad",
+    "amp",
+    "sync_bn",
+    "seed",
+    "device",
+)
+# ... fields compared through the LR schedule they resolve to ...
+_RESUME_SCHEDULED = ("epochs", "max_steps", "warmup_steps", "schedule", "min_lr_ratio")
+# ... and fields free to change: where the run writes, how often it reports, evaluates and saves, how it loads data.
+_RESUME_MAY_DIFFER = (
+    "output_dir",
+    "resume",
+    "workers",
+    "eval",
+    "eval_at_start",
+    "eval_every",
+    "save_every",
+    "log_every",
+    "keep_checkpoints",
+    "progress",
+    "dist_timeout",
+)
+# What a state.pt must hold to be resumed (its "schedule" is checked with the settings).
+_STATE_KEYS = ("step", "optimizer", "scheduler", "scaler", "rng", "world_size")
+
+
+class SettingsError(ValueError):
+    """A setting this run cannot use: it differs from the run being resumed, or this machine cannot run it.
+
+    ``settings`` are the parameter spellings the message names (``"resume=True"``, ``"lr"``, ``"data.seed"``), so
+    a command line can word them as its flags.
+    """
+
+    def __init__(self, message: str, *, settings: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.settings = settings
+
 
 @dataclass
 class TrainConfig:
@@ -97,6 +158,19 @@ class TrainConfig:
     ``eval_every`` / ``save_every`` count steps (0: only at the end). ``resume``: ``True`` continues the latest
     checkpoint of ``output_dir``; a path continues that run or checkpoint. The LR warms up linearly, then decays
     (``schedule``: ``"cosine"`` or ``"poly"``) to ``min_lr_ratio`` times each group's LR (``LRSchedule``).
+    ``dist_timeout``: seconds a collective waits for the other processes under torchrun before failing (a hung rank
+    then stops the run instead of keeping the others waiting). ``sync_bn=True`` needs CUDA.
+
+    A resume continues the run exactly, so it refuses (:class:`SettingsError`, naming the setting and both values)
+    any difference in what changes the run: the model (``task``, ``model``, ``variant``, ``weights_backbone``,
+    ``trainable_stages``, ``head_norm``, ``model_options``), every field of ``data`` (``image_size`` as resolved),
+    the optimizer (``batch_size``, ``lr``, ``weight_decay``, ``backbone_lr_mult``, ``clip_grad``), ``amp``,
+    ``sync_bn``, ``seed``, the device type ``device`` resolves to, the process count, and the LR schedule that
+    ``epochs`` or ``max_steps``, ``warmup_steps``, ``schedule`` and ``min_lr_ratio`` resolve to (the length may be
+    spelled either way if the steps agree; a longer run is a new run from the weights). Free to differ, and recorded
+    as given: ``output_dir``, ``resume``, ``workers`` (augmentation does not depend on it), ``eval``,
+    ``eval_at_start``, ``eval_every``, ``save_every``, ``log_every``, ``keep_checkpoints``, ``progress`` and
+    ``dist_timeout``.
 
     Example:
         >>> TrainConfig(output_dir="runs/x", max_steps=100, lr=float("inf")).check()
@@ -137,6 +211,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool | str = False
     progress: bool = True
+    dist_timeout: float = DEFAULT_TIMEOUT
 
     def check(self) -> None:
         """Raise ``ValueError`` (``TypeError`` for a value of the wrong type) naming the first bad setting."""
@@ -155,6 +230,7 @@ class TrainConfig:
         check_float("weight_decay", self.weight_decay, minimum=0.0)
         check_float("clip_grad", self.clip_grad, minimum=0.0)
         check_float("min_lr_ratio", self.min_lr_ratio, minimum=0.0, maximum=1.0)
+        check_float("dist_timeout", self.dist_timeout, minimum=0.0, inclusive=False)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("head_norm", self.head_norm, HEAD_NORMS)
         check_choice("device", self.device, DEVICES)
@@ -241,8 +317,9 @@ def train(config: TrainConfig, *, on_eval: _OnEval | None = None) -> TrainResult
     """Run a training job; see the module docstring. ``on_eval(step, metrics)`` is called on every rank."""
     config.check()
     owns_group = not (dist.is_available() and dist.is_initialized())
-    info = setup_distributed(config.device)
+    info = setup_distributed(config.device, timeout=config.dist_timeout)
     try:
+        _check_machine(config, info)
         return _run(config, info, on_eval)
     finally:
         if owns_group:
@@ -273,10 +350,22 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> TrainR
 
 
 # -- set-up --------------------------------------------------------------------------------------------------------
+def _check_machine(config: TrainConfig, info: DistInfo) -> None:
+    """Refuse what this machine cannot run, before anything is read or written."""
+    if config.sync_bn and info.device.type != "cuda":
+        raise SettingsError(
+            f"sync_bn=True needs CUDA: torch's SyncBatchNorm does not run on the {info.device.type.upper()}, in one "
+            "process or many; leave it off there (the heads keep their default norms: GroupNorm in the segmentation "
+            "heads, none in the detectors' FPN)",
+            settings=("sync_bn=True",),
+        )
+
+
 def _set_up(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> _Run:
-    """Model, data, optimizer, schedule and, when resuming, the saved state; then the run's files on rank 0."""
+    """Model, data, optimizer, schedule and, when resuming, the saved state (checked against these settings first);
+    then the run's files on rank 0."""
     task, model_name = resolve_task_model(config.task, config.model)
-    resume_from = _find_resume(config)
+    resume_from, state = _resume_point(config, info)
     train_set, val_set = build_datasets(config.data, task, val=config.eval)
     spec = ModelSpec.for_dataset(
         task,
@@ -287,16 +376,17 @@ def _set_up(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> _Ru
         head_norm="bn" if config.sync_bn else config.head_norm,
         options=dict(config.model_options),
     )
-    if resume_from is not None:
-        _check_same_model(resume_from, spec)
-    model = _build_model(config, info, spec)
-    optimizer = _build_optimizer(config, model)
     probe = ResumableSampler(len(train_set), rank=info.rank, world_size=info.world_size, seed=config.seed)
     per_epoch = steps_per_epoch(probe.samples_per_epoch, config.batch_size)
     total = config.max_steps if config.max_steps is not None else config.epochs * per_epoch
     schedule = LRSchedule.for_run(
         total=total, warmup_steps=config.warmup_steps, kind=config.schedule, min_ratio=config.min_lr_ratio
     )
+    if resume_from is not None:
+        _check_same_schedule(config, resume_from, state, schedule)
+        _check_same_model(config, resume_from, spec)
+    model = _build_model(config, info, spec)
+    optimizer = _build_optimizer(config, model)
     scaler = torch.amp.GradScaler(info.device.type, enabled=config.amp and info.device.type == "cuda")
     run = _Run(
         config=config,
@@ -313,7 +403,7 @@ def _set_up(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> _Ru
         on_eval=on_eval,
     )
     if resume_from is not None:
-        run.start_step = run.step = _restore(run, resume_from)
+        run.start_step = run.step = _restore(run, resume_from, state)
         run.checkpoint = resume_from
     run.wrapped = _wrap_ddp(model, info)
     run.log = _open_outputs(run, resumed=resume_from is not None)
@@ -337,22 +427,121 @@ def _find_resume(config: TrainConfig) -> RunCheckpoint | None:
     return resolve_checkpoint(config.resume)
 
 
-def _check_same_model(checkpoint: RunCheckpoint, spec: ModelSpec) -> None:
+def _resume_point(config: TrainConfig, info: DistInfo) -> tuple[RunCheckpoint | None, dict[str, Any]]:
+    """The checkpoint to continue and its training state, once the state is readable and the settings match."""
+    checkpoint = _find_resume(config)
+    if checkpoint is None:
+        return None, {}
+    state = load_training_state(checkpoint)
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint.state}: not a training state this trainer can resume (it lacks {', '.join(missing)})"
+        )
+    _check_same_settings(config, info, checkpoint, state)
+    return checkpoint, state
+
+
+def _resume_label(config: TrainConfig) -> str:
+    return "resume=True" if config.resume is True else f"resume={str(config.resume)!r}"
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _mismatch(config: TrainConfig, differences: list[tuple[str, str, str]], hint: str = "") -> SettingsError:
+    """One line naming the first differing setting with both values (already worded), then the others by name."""
+    label = _resume_label(config)
+    name, here, saved = differences[0]
+    message = f"{label}: {name} is {here} here but {saved} in the run being resumed"
+    others = [other for other, _, _ in differences[1:]]
+    if others:
+        message += f"; {_and(others)} differ{'s' if len(others) == 1 else ''} too"
+    return SettingsError(message + hint, settings=(label, name, *others))
+
+
+def _config_defaults() -> dict[str, Any]:
+    defaults = {}
+    for spec in fields(TrainConfig):
+        if spec.default is not MISSING:
+            defaults[spec.name] = spec.default
+        elif spec.default_factory is not MISSING:
+            defaults[spec.name] = spec.default_factory()
+    return defaults
+
+
+def _compared_values(train: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The compared settings of a run (``_RESUME_COMPARED``, ``data`` field by field as ``data.<field>``), from its
+    training and data fields as ``run.json`` stores them; a field the record lacks counts as its default. JSON
+    values, so a config and its ``run.json`` copy compare equal."""
+    train = {**_config_defaults(), **train}
+    data = {**DataSpec().to_dict(), **data}
+    known = {spec.name for spec in fields(DataSpec)}
+    values: dict[str, Any] = {}
+    for name in _RESUME_COMPARED:
+        if name == "data":
+            values.update({f"data.{key}": data[key] for key in known})
+            values["data.image_size"] = DataSpec(**{key: data[key] for key in known}).resolved_image_size
+        elif name != "device":  # compared as the device type it resolved to, from the training state
+            values[name] = train[name]
+    values["task"], values["model"] = resolve_task_model(train["task"], train["model"])
+    return json.loads(json.dumps(values))
+
+
+def _check_same_settings(config: TrainConfig, info: DistInfo, checkpoint: RunCheckpoint, state: dict) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's run in anything that changes the run."""
+    record = checkpoint.run_info()
+    if "train" not in record:
+        raise CheckpointError(
+            f"{checkpoint.run}: holds no record of the run's settings, so a resume cannot check them; start a new "
+            "run from its weights"
+        )
+    here = _compared_values({**asdict(config), "data": None}, config.data.to_dict())
+    saved = _compared_values(record["train"], record.get("data") or {})
+    here["device"], saved["device"] = info.device.type, state.get("device", info.device.type)
+    here["world_size"], saved["world_size"] = info.world_size, state["world_size"]
+    differences = [(name, repr(here[name]), repr(saved[name])) for name in here if here[name] != saved[name]]
+    if differences:
+        raise _mismatch(config, differences)
+
+
+def _check_same_schedule(config: TrainConfig, checkpoint: RunCheckpoint, state: dict, requested: LRSchedule) -> None:
+    """Refuse a resume whose LR schedule differs from the saved one (each part named by the setting behind it)."""
+    if "schedule" not in state:
+        raise CheckpointError(
+            f"{checkpoint.state}: holds no LR schedule record, so it cannot be resumed exactly; start a new run from "
+            "its weights"
+        )
+    saved = LRSchedule.from_dict(state["schedule"])
+    # Each part of the schedule is named by the setting behind it; the length in steps, however it was spelled.
+    words = {"total": "max_steps" if config.max_steps is not None else "epochs", "warmup": "warmup_steps"}
+    words.update(kind="schedule", min_ratio="min_lr_ratio")
+    here, there = requested.to_dict(), saved.to_dict()
+    differences = [(words.get(key, key), repr(here[key]), repr(there[key])) for key in here if here[key] != there[key]]
+    longer = requested.total != saved.total
+    if longer:  # "total" comes first
+        steps = f"{requested.total} steps"
+        differences[0] = (
+            words["total"],
+            steps if config.max_steps else f"{config.epochs} ({steps})",
+            f"{saved.total} steps",
+        )
+    if differences:
+        raise _mismatch(
+            config, differences, "; to train longer or shorter, start a new run from its weights" if longer else ""
+        )
+
+
+def _check_same_model(config: TrainConfig, checkpoint: RunCheckpoint, spec: ModelSpec) -> None:
+    """The model these settings build must be the saved one (the classes come from the data files' contents)."""
     saved = checkpoint.run_info().get("model")
     if saved is not None and ModelSpec.from_dict(saved) != spec:
-        raise ValueError(
-            f"{checkpoint.directory}: cannot resume, the checkpoint's model {saved} differs from this run's "
-            f"{spec.to_dict()}"
-        )
+        raise _mismatch(config, [("model_spec", str(spec.to_dict()), str(saved))])
 
 
 def _build_model(config: TrainConfig, info: DistInfo, spec: ModelSpec) -> nn.Module:
     """The seeded model on this rank's device (SyncBatchNorm under torchrun with ``sync_bn``)."""
-    if config.sync_bn and info.distributed and info.device.type != "cuda":
-        raise ValueError(
-            "sync_bn=True needs GPUs: torch's SyncBatchNorm runs on CUDA only; on CPU leave it off (the heads then "
-            "use their default GroupNorm, which needs no synchronisation)"
-        )
     seed_everything(config.seed)
     model = build_model(spec, weights_backbone=config.weights_backbone, trainable_stages=config.trainable_stages)
     if config.sync_bn and info.distributed:
@@ -367,37 +556,21 @@ def _build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _restore(run: _Run, checkpoint: RunCheckpoint) -> int:
+def _restore(run: _Run, checkpoint: RunCheckpoint, state: dict[str, Any]) -> int:
     """Load a checkpoint's weights and training state into the run; the step it was taken at."""
     load_run_weights(run.model, checkpoint.weights)
-    state = load_training_state(checkpoint)
-    world_size, batch_size = state.get("world_size"), state.get("batch_size")
-    if world_size != run.info.world_size or batch_size != run.config.batch_size:
-        raise ValueError(
-            f"{checkpoint.state}: saved with {world_size} process(es) x batch size {batch_size}, resumed with "
-            f"{run.info.world_size} x {run.config.batch_size}; exact resume needs the same"
-        )
-    _check_same_schedule(checkpoint, state, run.schedule)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][run.info.rank])
-    return int(state["step"])
-
-
-def _check_same_schedule(checkpoint: RunCheckpoint, state: dict[str, Any], requested: LRSchedule) -> None:
-    if "schedule" not in state:
-        raise ValueError(
-            f"{checkpoint.state}: this training state holds no LR schedule record, so it cannot be resumed exactly; "
-            "start a new run from its weights"
-        )
-    saved = LRSchedule.from_dict(state["schedule"])
-    if saved != requested:
-        raise ValueError(
-            f"{checkpoint.state}: saved with the schedule {saved.describe()}, resumed with {requested.describe()}; "
-            "exact resume needs the same max_steps/epochs, warmup_steps, schedule and min_lr_ratio "
-            "(to train longer, start a new run from this run's weights)"
-        )
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][run.info.rank])
+        return int(state["step"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CheckpointError(
+            f"{checkpoint.state}: the training state does not fit this run ({reason}); it was written for another "
+            "model or by another version"
+        ) from None
 
 
 def _wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -550,6 +723,8 @@ def _evaluate(run: _Run, step: int) -> None:
 
 def _save(run: _Run) -> RunCheckpoint | None:
     """Checkpoint the current step (every rank takes part; rank 0 writes)."""
+    # Every rank checks its replica (DDP keeps them equal), so all stop together rather than rank 0 alone.
+    check_finite_weights(run.model, step=run.step, hint="; lower lr, or keep clip_grad > 0")
     rng = gather_rng_states(run.info)
     checkpoint = None
     if run.info.is_main:
@@ -562,6 +737,7 @@ def _save(run: _Run) -> RunCheckpoint | None:
             "rng": rng,
             "world_size": run.info.world_size,
             "batch_size": run.config.batch_size,
+            "device": run.info.device.type,
         }
         checkpoint = save_checkpoint(
             run.output_dir,
@@ -592,4 +768,4 @@ def _finish(run: _Run) -> None:
 
 def _print(info: DistInfo, message: str) -> None:
     if info.is_main:
-            tqdm.write(message)
+        tqdm.write(message)
