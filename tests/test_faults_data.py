@@ -256,3 +256,14 @@ def test_folder_class_ids_must_fit_a_byte_without_num_classes(tmp_path: Path) ->
     (mask_dir / "a.png").write_bytes((mask_dir / "a.png").read_bytes()[:60])  # truncated: fails at build time
     with pytest.raises(DataError, match=r"a\.png: cannot read mask"):
         SegmentationFolder(image_dir, mask_dir)
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    from pvt_backbone.training.data import DataError, load_image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 > 2 x 100 pixels: PIL refuses it as a bomb
+    with pytest.raises(DataError, match="big.png.*cannot read image"):
+        load_image(tmp_path / "big.png")

@@ -74,7 +74,7 @@ def load_image(path: str | Path) -> Tensor:
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DataError(path, f"cannot read image ({error})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
 
