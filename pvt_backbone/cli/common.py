@@ -10,11 +10,15 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from ..checks import check_int
 from ..training.tasks import DATASETS, MODEL_TASK, TASKS, DataSpec
 from .runner import UsageError, flag_names
 
 __all__ = [
     "DATASET_FLAGS",
+    "DATA_FIELD_DESTS",
     "add_model_arguments",
     "add_data_arguments",
     "data_spec_from_args",
@@ -22,10 +26,12 @@ __all__ = [
     "check_data_arguments",
     "check_dataset_task",
     "parse_model_args",
+    "add_threads_argument",
+    "apply_threads",
 ]
 
 # DataSpec fields whose flag is not ``--<field>``.
-_DATA_FIELD_DESTS = {"kind": "dataset", "seed": "data_seed"}
+DATA_FIELD_DESTS = {"kind": "dataset", "seed": "data_seed"}
 # The path flags each file-based dataset needs, per split: (images, labels).
 DATASET_FLAGS = {
     "coco": ("images", "annotations"),
@@ -101,7 +107,7 @@ def data_spec_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     """
     flags = flag_names(parser)
     names = {
-        f"data.{field.name}": _DATA_FIELD_DESTS.get(field.name, field.name) for field in dataclasses.fields(DataSpec)
+        f"data.{field.name}": DATA_FIELD_DESTS.get(field.name, field.name) for field in dataclasses.fields(DataSpec)
     }
     return {name: flags[dest] for name, dest in names.items() if dest in flags}
 
@@ -178,3 +184,27 @@ def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             options[key] = raw
     return options
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the CPU threads torch uses in this process (default: torch's own choice)."""
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads torch uses (default: torch's choice)")
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` after checking it is >= 1 (:class:`UsageError` naming ``--threads``);
+    ``None`` leaves torch's setting.
+
+    Example:
+        >>> apply_threads(0)
+        Traceback (most recent call last):
+        ...
+        pvt_backbone.cli.runner.UsageError: --threads must be an int >= 1, got 0
+    """
+    if threads is None:
+        return
+    try:
+        check_int("threads", threads, minimum=1)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--{error}") from None
+    torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from ..training.distributed import DEVICES, cleanup_distributed, setup_distribut
 from ..training.inference import load_trained
 from ..training.tasks import DataSpec, ModelSpec, build_datasets, check_same_classes, evaluate
 from ..weights.io import atomic_write
-from .common import add_data_arguments, check_data_arguments, data_spec_from_args
+from .common import add_data_arguments, add_threads_argument, apply_threads, check_data_arguments, data_spec_from_args
 from .runner import UsageError, command_parser, entry_point, flag_names, in_flags
 
 __all__ = ["build_parser", "main", "run"]
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
     return parser
 
 
@@ -90,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``pvt-evaluate``: print the metrics as JSON (rank 0 only) and optionally write them to ``--json``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     _check_command_line(args, parser)
     info = setup_distributed(args.device)
     try:

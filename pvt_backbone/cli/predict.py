@@ -33,6 +33,7 @@ from ..training.distributed import DEVICES, setup_distributed
 from ..training.inference import SegmentationMap, draw, find_images, load_trained, predict
 from ..training.tasks import ModelSpec
 from ..weights.io import atomic_write
+from .common import add_threads_argument, apply_threads
 from .runner import UsageError, command_parser, entry_point
 
 __all__ = ["Outputs", "build_parser", "plan_outputs", "main", "run"]
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--json", action="store_true", help="also write predictions.json")
     parser.add_argument("--device", choices=DEVICES, default="auto")
+    add_threads_argument(parser)
     return parser
 
 
@@ -146,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``pvt-predict``: one picture per input image, and ``predictions.json`` with ``--json``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     if not 0.0 <= args.score_threshold <= 1.0:
         raise UsageError(f"--score-threshold must lie in [0, 1], got {args.score_threshold}")
     images = find_images(args.input)

@@ -18,6 +18,8 @@ periodic evaluation and checkpointing; then finishing (replica check, final eval
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -78,7 +80,16 @@ from .tasks import (
     training_loss,
 )
 
-__all__ = ["TrainConfig", "TrainResult", "SettingsError", "train", "plot_loss_curve", "read_log"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "SettingsError",
+    "TrainingInterrupted",
+    "DEFAULT_SAVE_EVERY",
+    "train",
+    "plot_loss_curve",
+    "read_log",
+]
 
 _OnEval = Callable[[int, dict[str, Any]], None]  # on_eval(step, metrics)
 
@@ -96,6 +107,7 @@ _INT_MINIMUMS: dict[str, int | None] = {
     "seed": 0,  # numpy generators take no negative seed
 }
 _OPTIONAL_INTS = ("epochs", "max_steps", "warmup_steps")
+DEFAULT_SAVE_EVERY = 500  # steps between checkpoints unless told: an interruption then loses at most this many
 
 # What a resume keeps (TrainConfig's docstring): fields compared with the run being resumed, one by one ...
 _RESUME_COMPARED = (
@@ -103,6 +115,7 @@ _RESUME_COMPARED = (
     "model",
     "variant",
     "weights_backbone",
+    "init_from",
     "trainable_stages",
     "head_norm",
     "model_options",
@@ -149,24 +162,43 @@ class SettingsError(ValueError):
         self.settings = settings
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM after ``step``, with a checkpoint of that step (``checkpoint``, None on
+    ranks other than 0); ``signal_number`` is the signal that stopped it."""
+
+    def __init__(self, step: int, checkpoint: RunCheckpoint | None, signal_number: int) -> None:
+        where = checkpoint.directory if checkpoint is not None else "saved by rank 0"
+        super().__init__(f"interrupted at step {step}; checkpoint: {where}; continue with resume=True")
+        self.step = step
+        self.checkpoint = checkpoint
+        self.signal_number = signal_number
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a run; ``pvt-train`` (``pvt_backbone.cli.train``) maps its flags one to one onto these fields.
 
     Length: ``max_steps`` optimizer steps, or ``epochs`` passes over the training set (per-rank shard / batch size
     steps each). ``batch_size`` is per process. ``warmup_steps=None`` warms up over 5% of the run (at most 500).
-    ``eval_every`` / ``save_every`` count steps (0: only at the end). ``resume``: ``True`` continues the latest
-    checkpoint of ``output_dir``; a path continues that run or checkpoint. The LR warms up linearly, then decays
+    ``eval_every`` / ``save_every`` count steps (0: only at the end; checkpoints default to every
+    ``DEFAULT_SAVE_EVERY`` steps and the last). ``resume``: ``True`` continues the latest checkpoint of
+    ``output_dir``; a path continues that run or checkpoint. ``init_from`` starts a new run (step 0, fresh optimizer)
+    from a whole trained model: a run directory (its latest checkpoint), a checkpoint directory or a
+    ``model.safetensors``; the model these settings build must fit it key for key. The LR warms up linearly, then decays
     (``schedule``: ``"cosine"`` or ``"poly"``) to ``min_lr_ratio`` times each group's LR (``LRSchedule``).
     ``dist_timeout``: seconds a collective waits for the other processes under torchrun before failing (a hung rank
     then stops the run instead of keeping the others waiting). ``sync_bn=True`` needs CUDA.
 
+    SIGINT or SIGTERM during the steps (in the main thread) lets the current step finish, checkpoints it and raises
+    :class:`TrainingInterrupted`; under torchrun the ranks agree on the stop after every step, so all save the same
+    step. A second SIGINT stops at once (the last complete checkpoint stays the latest).
+
     A resume continues the run exactly, so it refuses (:class:`SettingsError`, naming the setting and both values)
     any difference in what changes the run: the model (``task``, ``model``, ``variant``, ``weights_backbone``,
-    ``trainable_stages``, ``head_norm``, ``model_options``), every field of ``data`` (``image_size`` as resolved),
-    the optimizer (``batch_size``, ``lr``, ``weight_decay``, ``backbone_lr_mult``, ``clip_grad``), ``amp``,
-    ``sync_bn``, ``seed``, the device type ``device`` resolves to, the process count, and the LR schedule that
-    ``epochs`` or ``max_steps``, ``warmup_steps``, ``schedule`` and ``min_lr_ratio`` resolve to (the length may be
+    ``init_from``, ``trainable_stages``, ``head_norm``, ``model_options``), every field of ``data`` (``image_size``
+    as resolved), the optimizer (``batch_size``, ``lr``, ``weight_decay``, ``backbone_lr_mult``, ``clip_grad``),
+    ``amp``, ``sync_bn``, ``seed``, the device type ``device`` resolves to, the process count, and the LR schedule
+    that ``epochs`` or ``max_steps``, ``warmup_steps``, ``schedule`` and ``min_lr_ratio`` resolve to (the length may be
     spelled either way if the steps agree; a longer run is a new run from the weights). Free to differ, and recorded
     as given: ``output_dir``, ``resume``, ``workers`` (augmentation does not depend on it), ``eval``,
     ``eval_at_start``, ``eval_every``, ``save_every``, ``log_every``, ``keep_checkpoints``, ``progress`` and
@@ -184,6 +216,7 @@ class TrainConfig:
     model: str | None = None
     variant: str = "b2"
     weights_backbone: str | None = None
+    init_from: str | None = None
     trainable_stages: int = 4
     head_norm: str = "default"
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -206,7 +239,7 @@ class TrainConfig:
     eval: bool = True
     eval_at_start: bool = False
     eval_every: int = 0
-    save_every: int = 0
+    save_every: int = DEFAULT_SAVE_EVERY
     log_every: int = 10
     keep_checkpoints: int = 2
     resume: bool | str = False
@@ -234,6 +267,10 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("head_norm", self.head_norm, HEAD_NORMS)
         check_choice("device", self.device, DEVICES)
+        if self.init_from is not None and self.weights_backbone is not None:
+            raise ValueError(
+                f"init_from={self.init_from!r} loads the whole model, backbone included; leave weights_backbone unset"
+            )
         if self.sync_bn and self.head_norm not in ("default", "bn"):
             raise ValueError(f"sync_bn synchronises BatchNorm; it cannot be combined with head_norm={self.head_norm!r}")
 
@@ -333,20 +370,70 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> TrainR
         _evaluate(run, 0)
     run.progress = _progress_bar(run)
     try:
-        batches = iter(_train_loader(run))
-        for step in range(run.start_step + 1, run.total + 1):
-            run.step = step
-            stats = _train_step(run, batches)
-            _report(run, stats)
-            _evaluate_and_save(run)
+        with _StopRequest() as stop:
+            _steps(run, stop)
         _finish(run)
     finally:
         if run.progress is not None:
             run.progress.close()
-    if run.log is not None:
-        plot_loss_curve(read_log(run.log.path), run.output_dir / LOSS_PNG, metrics=plotted_metrics(run.task))
+    _plot(run)
     barrier()
     return TrainResult(run.model, run.spec, run.step, run.evals, run.checkpoint, time.perf_counter() - started)
+
+
+def _steps(run: _Run, stop: _StopRequest) -> None:
+    """Every step from where the run stands to its end; a stop request checkpoints the step reached and raises."""
+    batches = iter(_train_loader(run))
+    for step in range(run.start_step + 1, run.total + 1):
+        run.step = step
+        stats = _train_step(run, batches)
+        _report(run, stats)
+        _evaluate_and_save(run)
+        number = stop.agreed(run.info)
+        if number:
+            if run.checkpoint is None or run.checkpoint.step != run.step:
+                run.checkpoint = _save(run)
+            _plot(run)
+            raise TrainingInterrupted(run.step, run.checkpoint if run.info.is_main else None, number)
+
+
+def _plot(run: _Run) -> None:
+    if run.log is not None:
+        plot_loss_curve(read_log(run.log.path), run.output_dir / LOSS_PNG, metrics=plotted_metrics(run.task))
+
+
+class _StopRequest:
+    """SIGINT and SIGTERM while the steps run (main thread only): the first asks the loop to stop after the current
+    step; a second SIGINT interrupts at once. The previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal_number = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.signal_number and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = self.signal_number or number
+
+    def agreed(self, info: DistInfo) -> int:
+        """The signal any rank received (0: none): one small all-reduce under torchrun, so every rank stops after
+        the same step and takes part in its checkpoint."""
+        if not info.distributed:
+            return self.signal_number
+        flag = torch.tensor([self.signal_number], dtype=torch.int64, device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 # -- set-up --------------------------------------------------------------------------------------------------------
@@ -544,9 +631,24 @@ def _build_model(config: TrainConfig, info: DistInfo, spec: ModelSpec) -> nn.Mod
     """The seeded model on this rank's device (SyncBatchNorm under torchrun with ``sync_bn``)."""
     seed_everything(config.seed)
     model = build_model(spec, weights_backbone=config.weights_backbone, trainable_stages=config.trainable_stages)
+    if config.init_from is not None:
+        source = resolve_checkpoint(config.init_from)
+        load_run_weights(model, source.weights)
+        _print(info, f"init_from: loaded the whole model ({len(model.state_dict())} tensors) from {source.weights}")
+    elif config.weights_backbone is not None:
+        _print(info, f"weights_backbone: {_load_summary(model, config.weights_backbone)}")
     if config.sync_bn and info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(info.device)
+
+
+def _load_summary(model: nn.Module, source: str) -> str:
+    """The first line of the backbone's load report, where the builder kept one (``load_report``)."""
+    for module in model.modules():
+        report = getattr(module, "load_report", None)
+        if report is not None and hasattr(report, "summary"):
+            return report.summary().splitlines()[0]
+    return f"loaded the backbone from {source}"
 
 
 def _build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
