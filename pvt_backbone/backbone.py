@@ -17,7 +17,7 @@ from . import fast_inference
 from .checks import check_int, check_rate
 from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_config, normalize_out_indices
 from .layers import Block, OverlapPatchEmbed, init_weights
-from .weights import WeightsSource, load_weights
+from .weights import LoadReport, WeightsSource, load_weights
 
 __all__ = ["PVTv2Backbone", "PVTv2Trunk", "PVTv2Stage", "BackboneOptions"]
 
@@ -90,9 +90,17 @@ class PVTv2Stage(nn.Module):
         self.fast_inference = True
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, H, W, C_prev) tokens (stage 0: the embedded image) -> (B, H', W', C) normalized tokens."""
+        """(B, H, W, C_prev) tokens (stage 0: the embedded image) -> (B, H', W', C) normalized tokens.
+
+        Under torch.fx symbolic tracing (``x`` a ``torch.fx.Proxy``) only the plain ``Block.forward`` loop is
+        recorded: the batch-size test, the inference path and checkpointing branch on values a proxy does not have.
+        """
         if self.downsample is not None:
             x = self.downsample(x.permute(0, 3, 1, 2))
+        if isinstance(x, torch.fx.Proxy):
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x)
         if x.shape[0] == 0:  # an empty batch: every block maps it to itself, and attention cannot reshape nothing
             return self.norm(x)
         # The one place the inference path is chosen: same function, fewer allocations (see fast_inference).
@@ -204,6 +212,8 @@ class PVTv2Trunk(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (torchvision's feature extraction): no values to check
+            return
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor of shape (B, {self.in_channels}, H, W), got {type(x).__name__}")
         if x.dim() != 4:
@@ -263,7 +273,12 @@ class PVTv2Backbone(PVTv2Trunk):
         grad_checkpointing: recompute each block in the backward pass.
         norm_layer: factory for the block and stage norms (default ``LayerNorm(eps=config.norm_eps)``).
         weights: checkpoint to load strictly after construction, in any layout (path, ``hf-hub:REPO`` or dict); a
-            classifier head in it is dropped, stages after ``max(out_indices)`` too (see ``load_weights``).
+            classifier head in it is dropped, stages after ``max(out_indices)`` too (see ``load_weights``). What was
+            loaded is kept as ``load_report`` (a ``LoadReport``; ``None`` without weights).
+
+    torchvision's ``create_feature_extractor`` / ``get_graph_node_names`` trace it with torch.fx: node ``stages.{i}``
+    is stage i's output as (B, H_i, W_i, C_i) tokens (``.permute(0, 3, 1, 2)`` gives the map ``forward`` returns),
+    ``stages.{i}.blocks.{j}`` a block's output in the same layout.
 
     Example:
         >>> model = PVTv2Backbone.b2(out_indices=(0, 1, 2, 3))
@@ -284,8 +299,10 @@ class PVTv2Backbone(PVTv2Trunk):
         super().__init__(config, num_stages=indices[-1] + 1, **options)
         self.out_indices = indices
         self.feature_info: tuple[FeatureSpec, ...] = config.feature_info(indices)
+        # What ``weights=`` loaded (None without weights); a surprising load also warns (``LoadWarning``).
+        self.load_report: LoadReport | None = None
         if weights is not None:
-            load_weights(self, weights)
+            self.load_report = load_weights(self, weights)
 
     @property
     def channels(self) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from heads import ClassificationHead
 
 from .backbone import PVTv2Trunk
 from .config import NUM_STAGES, PVTv2Config, get_config
-from .weights import WeightsSource, load_weights
+from .weights import LoadReport, WeightsSource, load_weights
 
 __all__ = ["PVTv2", "PVT_V2", "build_classifier"] + [
     f"pvt_v2_{name}" for name in ("b0", "b1", "b2", "b2_li", "b3", "b4", "b5")
@@ -27,7 +27,8 @@ class PVTv2(PVTv2Trunk):
     ``img_size`` changes no parameter (PVTv2 has no position embedding); it records the nominal training size.
     ``num_classes=0`` returns the pooled (B, C_3) features. ``weights`` loads a checkpoint in any layout strictly
     after construction (see ``load_weights``); ``fresh_head=True`` keeps the new head instead of the file's (needed
-    when ``num_classes`` differs from the file's head or the file has none).
+    when ``num_classes`` differs from the file's head or the file has none). ``load_report`` keeps the
+    ``LoadReport`` of that load (``None`` without weights).
 
     Example:
         >>> model = pvt_v2_b2()
@@ -51,8 +52,9 @@ class PVTv2(PVTv2Trunk):
         self.out_indices = (NUM_STAGES - 1,)
         self.img_size = img_size
         self.head = ClassificationHead(config.embed_dims[-1], num_classes, drop_rate=head_drop_rate)
+        self.load_report: LoadReport | None = None  # what ``weights=`` loaded; None without weights
         if weights is not None:
-            load_weights(self, weights, fresh_head=fresh_head)
+            self.load_report = load_weights(self, weights, fresh_head=fresh_head)
 
     @property
     def num_classes(self) -> int:

@@ -19,6 +19,9 @@ fcos_pvt_v2_fpn           1 2 3 p6 p7      torchvision's, 5     -
 The detectors normalise and resize inside (``GeneralizedRCNNTransform``): feed RGB float images in [0, 1], not
 normalised. The builders set ImageNet's mean/std (the backbone's pretraining) and keep ``size_divisible=32``, so
 the padded batch is a multiple of the largest stride and the anchor strides come out exact.
+
+``weights_backbone=`` is loaded by the backbone constructor (``PVTv2Backbone(weights=...)``); its ``LoadReport`` is
+``model.backbone.body.load_report`` (``None`` without weights).
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def pvt_fpn_backbone(
 
     Args:
         variant: a variant name (``"b0"`` ... ``"b5"``, ``"b2_li"``) or a ``PVTv2Config``.
-        weights: backbone checkpoint path, passed to the backbone constructor as ``weights=``.
+        weights: backbone checkpoint path, passed to the backbone constructor as ``weights=``; its ``LoadReport`` is
+            ``model.body.load_report``.
         out_indices: backbone stages fed to the FPN.
         fpn_channels: FPN width (``out_channels``).
         extra_levels: ``"pool"`` (key ``"pool"``), ``"p6p7"`` (keys ``"p6"``, ``"p7"``) or ``None``.

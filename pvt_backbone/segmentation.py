@@ -140,7 +140,8 @@ def semantic_fpn_pvt_v2(
     Args:
         variant: a variant name or ``PVTv2Config``.
         num_classes: number of classes (``ignore_index`` excluded).
-        weights_backbone: backbone checkpoint path, passed to the backbone constructor as ``weights=``.
+        weights_backbone: backbone checkpoint path, passed to the backbone constructor as ``weights=``; its
+            ``LoadReport`` is ``model.backbone.load_report``.
         head: ``"fpn"`` or ``"mlp"``.
         norm_layer: head norm factory (default GroupNorm, so batch size 1 trains; ``nn.BatchNorm2d`` for SyncBN).
         ignore_index: label ignored by ``loss``.

@@ -1,13 +1,17 @@
 """The backbone contract: keys, shapes, metadata, options, freezing, checkpointing, validation, export."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 from torch.export import Dim, export
 
-from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config
+from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config, load_weights, pvt_v2_b0
+from pvt_backbone.classifier import build_classifier
 from pvt_backbone.config import stage_sizes
+from pvt_backbone.weights import LoadReport
+from pvt_backbone.weights.load import LoadWarning
 
 SIZES = [(224, 224), (250, 333), (333, 250), (97, 61)]
 
@@ -261,3 +265,63 @@ def test_compile_fullgraph_without_graph_breaks(tiny_config: PVTv2Config) -> Non
     model = PVTv2Backbone(tiny_config).eval()
     explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+# -- what a load did: kept on the model, warned about when surprising -------------------------------------------------
+
+
+def _random_classifier_state(config: PVTv2Config | str) -> dict[str, torch.Tensor]:
+    model = build_classifier(config, num_classes=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-1, 1)  # unlike any initialisation
+    return model.state_dict()
+
+
+def test_models_built_with_weights_keep_their_load_report(tiny_config: PVTv2Config) -> None:
+    state = _random_classifier_state("b0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoadWarning)  # head, unbuilt stages, container entries: expected, no warning
+        built = {
+            "constructor": PVTv2Backbone("b0", out_indices=(0, 1), weights={"state_dict": state, "epoch": 3}),
+            "b0": PVTv2Backbone.b0(weights=state),
+            "pvt_v2_b0": pvt_v2_b0(num_classes=5, weights=state),
+            "build_classifier": build_classifier("b0", num_classes=5, weights=state),
+        }
+    for name, model in built.items():
+        report = model.load_report
+        assert isinstance(report, LoadReport), name
+        assert set(report.loaded) == set(model.state_dict()), name
+        torch.testing.assert_close(model.state_dict()["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+    pruned = built["constructor"].load_report
+    assert pruned is not None
+    dropped = {item.key for item in pruned.dropped}
+    assert {"head.weight", "head.bias", "['epoch']"} <= dropped
+    assert any(key.startswith("stages.3.") for key in dropped)
+    assert not any(key.startswith("head.") for key in built["pvt_v2_b0"].load_report.dropped)  # type: ignore[union-attr]
+    assert PVTv2Backbone(tiny_config).load_report is None
+    assert build_classifier(tiny_config).load_report is None
+
+
+def test_keys_dropped_outside_the_backbone_warn(tiny_config: PVTv2Config) -> None:
+    source = PVTv2Backbone(tiny_config)
+    detector = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    detector["neck.lateral.weight"] = torch.zeros(8, 8, 1, 1)
+    with pytest.warns(LoadWarning, match=r"neck\.lateral\.weight") as caught:
+        model = PVTv2Backbone(tiny_config, weights=detector)
+    assert len(caught) == 1
+    assert model.load_report is not None
+    assert [item.key for item in model.load_report.dropped] == ["neck.lateral.weight"]
+    assert caught[0].filename == __file__  # points at the line that built the model
+
+
+def test_partial_load_warns_with_what_was_left(tiny_config: PVTv2Config) -> None:
+    state = PVTv2Backbone(tiny_config).state_dict()
+    del state["stages.3.norm.weight"]
+    model = PVTv2Backbone(tiny_config)
+    with pytest.warns(LoadWarning, match=r"strict=False left keys unloaded(.|\n)*stages\.3\.norm\.weight"):
+        report = load_weights(model, state, strict=False)
+    assert report.missing == ("stages.3.norm.weight",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoadWarning)
+        load_weights(model, PVTv2Backbone(tiny_config).state_dict(), strict=False)  # complete: nothing to say

@@ -294,11 +294,14 @@ def test_weights_backbone_loads_a_saved_backbone_state_dict(tmp_path, suffix: st
     for body in bodies:
         state = body.state_dict()
         assert state.keys() == source.state_dict().keys()
+        assert body.load_report is not None and set(body.load_report.loaded) == set(state)
+        assert body.load_report.source.endswith(path.name)
         for key, value in source.state_dict().items():
             torch.testing.assert_close(state[key], value, rtol=0, atol=0)
     other = PVTv2Config(embed_dims=(8, 16, 24, 40), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4))
     with pytest.raises(CheckpointError):
         fasterrcnn_pvt_v2_fpn(other, num_classes=2, weights_backbone=path)
+    assert fasterrcnn_pvt_v2_fpn(tiny, num_classes=2, fpn_channels=8).backbone.body.load_report is None
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

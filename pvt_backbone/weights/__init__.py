@@ -9,7 +9,7 @@ converting files; it builds a model, so it is not imported here: ``pvt_backbone.
 from .detect import Architecture, convert, detect_layout, infer_architecture, to_native
 from .io import Checkpoint, WeightsSource, atomic_write, read_checkpoint
 from .layouts import LAYOUTS, CheckpointError, Conversion, DroppedKey, from_native
-from .load import LoadReport, load_model_weights, load_weights
+from .load import LoadReport, LoadWarning, load_model_weights, load_weights
 from .save import DTYPES, SaveReport, save_weights
 from .state_dict import compare_state_dicts, load_state_dict_strict
 
@@ -22,6 +22,7 @@ __all__ = [
     "DTYPES",
     "DroppedKey",
     "LoadReport",
+    "LoadWarning",
     "SaveReport",
     "WeightsSource",
     "atomic_write",

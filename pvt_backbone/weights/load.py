@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -39,7 +42,7 @@ from .layouts import (
 )
 from .state_dict import StateDictDiff, compare_state_dicts, load_state_dict_strict
 
-__all__ = ["LoadReport", "load_weights", "load_model_weights"]
+__all__ = ["LoadReport", "LoadWarning", "load_weights", "load_model_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +265,41 @@ def _report(
     )
 
 
+class LoadWarning(UserWarning):
+    """``load_weights`` left out file entries a user may not expect, or ``strict=False`` left model keys unloaded.
+
+    Not warned about: a classifier head the model lacks (or ``fresh_head=True`` replaces), stages a pruned backbone
+    does not build, and container entries next to the weights or non-tensor values (``optimizer``, ``meta``,
+    ``epoch``, ...). Warned about: any other dropped key (e.g. a detector's neck and heads outside the backbone
+    prefix), and under ``strict=False`` missing, unexpected or shape-mismatched keys.
+    """
+
+
+def _expected_drop(item: DroppedKey) -> bool:
+    """Container entries and non-tensor values are named ``[...]`` (see ``unwrap_checkpoint``)."""
+    return item.key.startswith("[")
+
+
+def _warn(source: str, surprising: tuple[DroppedKey, ...], unloaded: list[str]) -> None:
+    """One ``LoadWarning`` naming the surprising drops and, for a partial load, the keys left out (``unloaded``)."""
+    lines = dropped_lines(surprising) + unloaded
+    if not lines:
+        return
+    what = "strict=False left keys unloaded" if unloaded else "some entries of the file were not loaded"
+    message = f"loading {source}: {what}\n" + "\n".join(lines)
+    warnings.warn(message, LoadWarning, stacklevel=_outside_stacklevel())
+
+
+def _outside_stacklevel() -> int:
+    """``stacklevel`` of the first frame outside this package, so a warning names the user's line (a constructor's
+    ``weights=`` loads from inside the package)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1  # level 1: the function calling warnings.warn
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _log(report: LoadReport, notes: list[str], *, incomplete: bool) -> None:
     """INFO: the summary line and the load's own notes; DEBUG: each dropped entry; WARNING: a partial load."""
     logger.info(report.summary().splitlines()[0])
@@ -303,7 +341,9 @@ def load_weights(
         trust_pickle: allow pickles that need code (``torch.load(weights_only=False)``); only for trusted files.
 
     Returns:
-        A ``LoadReport``; a summary is logged at INFO on the ``pvt_backbone.weights`` logger.
+        A ``LoadReport``; a summary is logged at INFO on the ``pvt_backbone.weights`` logger, and a ``LoadWarning``
+        is emitted when entries other than a classifier head, unbuilt stages or container entries were dropped, or
+        when ``strict=False`` left keys unloaded (see ``LoadWarning``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -319,6 +359,8 @@ def load_weights(
         notes.append(f"these weights have the shapes of {architecture.lookalike}")
     report = _report(checkpoint, conversion, architecture, plan, loaded, notes)
     _log(report, notes, incomplete=not strict and bool(plan.comparison or plan.hints))
+    surprising = tuple(item for item in conversion.dropped if not _expected_drop(item))
+    _warn(report.source, surprising, plan.comparison.lines() if not strict and plan.comparison else [])
     return report
 
 
