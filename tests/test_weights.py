@@ -26,7 +26,7 @@ from pvt_backbone import (
     pvt_v2_b0,
     save_weights,
 )
-from pvt_backbone.weights import from_native, read_checkpoint
+from pvt_backbone.weights import LoadWarning, from_native, read_checkpoint
 from pvt_backbone.weights.layouts import LAYOUTS
 
 TINY = PVTv2Config(embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4))
@@ -166,6 +166,7 @@ def write_layout(state: dict[str, Tensor], layout: str, directory: Path) -> Path
 
 
 @pytest.mark.parametrize("layout", ["timm", "pvt", "hf", "mmdet", "lucid"])
+@pytest.mark.filterwarnings("ignore::pvt_backbone.weights.LoadWarning")  # mmdet: neck and heads dropped, reported
 def test_every_layout_loads_into_backbone_and_classifier(layout: str, source: dict, tmp_path: Path) -> None:
     path = write_layout(source, layout, tmp_path)
     backbone = PVTv2Backbone(TINY, weights=path)
@@ -251,7 +252,8 @@ def test_missing_tensor_raises_and_strict_false_loads_the_rest(source: dict) -> 
         load_weights(model, partial)
     assert_same(model, before)
     partial["stages.0.blocks.0.attn.q.weight"] = torch.zeros(3, 3)  # and one wrong shape
-    report = load_weights(model, partial, strict=False)
+    with pytest.warns(LoadWarning, match="strict=False left keys unloaded"):
+        report = load_weights(model, partial, strict=False)
     assert report.missing == ("stages.1.blocks.1.mlp.fc2.weight",)
     assert report.mismatched == ("stages.0.blocks.0.attn.q.weight",)
     state = model.state_dict()
