@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_runs import tiny_run_config
 from torch import nn
 
 from pvt_backbone import PVTv2Backbone
@@ -436,30 +437,7 @@ def test_segmenter_trainable_stages_freeze_the_first_stages() -> None:
 
 
 def _tiny_run(output_dir: Path, **overrides) -> TrainConfig:
-    options = {
-        "fpn_channels": 32,
-        "box_batch_size_per_image": 16,
-        "rpn_post_nms_top_n_train": 32,
-        "rpn_batch_size_per_image": 32,
-    }
-    settings = dict(
-        output_dir=str(output_dir),
-        model="fasterrcnn",
-        variant="b0",
-        model_options=options,
-        data=DataSpec(image_size=64, train_size=8, val_size=2, synthetic_classes=2),
-        max_steps=4,
-        batch_size=1,
-        lr=1e-3,
-        warmup_steps=1,
-        workers=0,
-        eval=False,
-        log_every=1,
-        save_every=2,
-        progress=False,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return tiny_run_config(output_dir, **overrides)
 
 
 def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:

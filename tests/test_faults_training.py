@@ -23,44 +23,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
+from tiny_runs import TINY_DATA, tiny_run_config
 from torch import nn
 
 from pvt_backbone.training import checkpoint as ckpt
 from pvt_backbone.training import distributed, trainer
-from pvt_backbone.training.tasks import DataSpec
 from pvt_backbone.training.trainer import SettingsError, TrainConfig, train
 from pvt_backbone.weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_OPTIONS = {
-    "fpn_channels": 32,
-    "box_batch_size_per_image": 16,
-    "rpn_post_nms_top_n_train": 32,
-    "rpn_batch_size_per_image": 32,
-}
-TINY_DATA = DataSpec(image_size=64, train_size=8, val_size=2, synthetic_classes=2)
 
 
 def _tiny(output_dir: Path, **overrides) -> TrainConfig:
-    """A two-step Faster R-CNN b0 run on 64 px synthetic scenes, checkpointed after each step."""
-    settings = dict(
-        output_dir=str(output_dir),
-        model="fasterrcnn",
-        variant="b0",
-        model_options=TINY_OPTIONS,
-        data=TINY_DATA,
-        max_steps=2,
-        batch_size=1,
-        lr=1e-3,
-        warmup_steps=1,
-        workers=0,
-        eval=False,
-        log_every=1,
-        save_every=1,
-        progress=False,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    """A two-step run, checkpointed after each step."""
+    return tiny_run_config(output_dir, **{"max_steps": 2, "save_every": 1, **overrides})
 
 
 @pytest.fixture(scope="module")
