@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -182,6 +182,24 @@ def _gather(items: list[Any]) -> list[Any]:
     return [item for part in gathered for item in (part or [])]
 
 
+def _shard(length: int) -> list[int]:
+    """This rank's dataset indices: ``rank::world_size`` under ``torch.distributed``, all of them otherwise."""
+    rank, world = _rank_world()
+    return list(range(rank, length, world))
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The bare model (DDP unwrapped) in eval mode; its train/eval mode is restored afterwards, also on error."""
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -205,17 +223,13 @@ def evaluate_detection(
     :func:`pvt_backbone.amp.autocast`; the outputs are cast back to float32 before scoring.
     """
     check_int("batch_size", batch_size, minimum=1)
-    model = _unwrap(model)
-    was_training = model.training
-    model.eval()
     device = torch.device(device)
-    rank, world = _rank_world()
-    indices = list(range(rank, len(dataset), world))
+    indices = _shard(len(dataset))
     results: list[dict[str, Any]] = []
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if progress:
         batches = tqdm(batches, desc="eval", leave=False, dynamic_ncols=True)
-    try:
+    with _evaluating(model) as model:
         for batch in batches:
             samples = [dataset[i] for i in batch]
             images = [image.to(device) for image, _ in samples]
@@ -224,11 +238,9 @@ def evaluate_detection(
             outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
             ids = [target["image_id"] for _, target in samples]
             results.extend(coco_results(outputs, ids, dataset.category_ids))
-    finally:
-        model.train(was_training)
     results = _gather(results)
     metrics: dict[str, float] = {}
-    if rank == 0:
+    if _rank_world()[0] == 0:
         metrics = coco_evaluate(dataset.coco, results, iou_types)
     return _broadcast(metrics)
 
@@ -341,22 +353,16 @@ def evaluate_segmentation(
     """
     if size is not None:
         check_int("size", size, minimum=1)
-    model = _unwrap(model)
-    was_training = model.training
-    model.eval()
     device = torch.device(device)
-    rank, world = _rank_world()
     matrix = ConfusionMatrix(dataset.num_classes, ignore_index=dataset.ignore_index)
-    indices: Iterable[int] = range(rank, len(dataset), world)
+    indices: Iterable[int] = _shard(len(dataset))
     if progress:
-        indices = tqdm(list(indices), desc="eval", leave=False, dynamic_ncols=True)
-    try:
+        indices = tqdm(indices, desc="eval", leave=False, dynamic_ncols=True)
+    with _evaluating(model) as model:
         for index in indices:
             image, mask = dataset[index]
             with autocast(device, enabled=amp):
                 logits = segmentation_logits(model, image[None].to(device), size=size)
             matrix.update(logits.argmax(1)[0].cpu(), mask)
-    finally:
-        model.train(was_training)
     matrix.all_reduce(device)
     return matrix.metrics()
