@@ -17,7 +17,7 @@ from . import fast_inference
 from .checks import check_int, check_rate
 from .config import PATCH_SIZES, PATCH_STRIDES, FeatureSpec, PVTv2Config, get_config, normalize_out_indices
 from .layers import Block, OverlapPatchEmbed, init_weights
-from .weights import LoadReport, WeightsSource, load_weights
+from .weights import LoadReport, WeightsLike, load_weights
 
 __all__ = ["PVTv2Backbone", "PVTv2Trunk", "PVTv2Stage", "BackboneOptions"]
 
@@ -32,7 +32,7 @@ class BackboneOptions(TypedDict, total=False):
     frozen_stages: int
     grad_checkpointing: bool
     norm_layer: Callable[[int], nn.Module] | None
-    weights: WeightsSource | None
+    weights: WeightsLike | None
 
 
 def _autocast_mixes(device_type: str, *dtypes: torch.dtype) -> bool:
@@ -272,7 +272,8 @@ class PVTv2Backbone(PVTv2Trunk):
         frozen_stages: freeze the first k stages with their patch embeddings (see ``freeze_stages``).
         grad_checkpointing: recompute each block in the backward pass.
         norm_layer: factory for the block and stage norms (default ``LayerNorm(eps=config.norm_eps)``).
-        weights: checkpoint to load strictly after construction, in any layout (path, ``hf-hub:REPO`` or dict); a
+        weights: checkpoint to load strictly after construction, in any layout (path, ``hf-hub:REPO``, dict, or a
+            published name such as ``"pvt_v2_b2.in1k"`` or enum member, see ``pvt_backbone.weights.hub``); a
             classifier head in it is dropped, stages after ``max(out_indices)`` too (see ``load_weights``). What was
             loaded is kept as ``load_report`` (a ``LoadReport``; ``None`` without weights).
 

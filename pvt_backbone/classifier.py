@@ -14,7 +14,7 @@ from heads import ClassificationHead
 
 from .backbone import PVTv2Trunk
 from .config import NUM_STAGES, PVTv2Config, get_config
-from .weights import LoadReport, WeightsSource, load_weights
+from .weights import LoadReport, WeightsLike, load_weights
 
 __all__ = ["PVTv2", "PVT_V2", "build_classifier"] + [
     f"pvt_v2_{name}" for name in ("b0", "b1", "b2", "b2_li", "b3", "b4", "b5")
@@ -26,9 +26,10 @@ class PVTv2(PVTv2Trunk):
 
     ``img_size`` changes no parameter (PVTv2 has no position embedding); it records the nominal training size.
     ``num_classes=0`` returns the pooled (B, C_3) features. ``weights`` loads a checkpoint in any layout strictly
-    after construction (see ``load_weights``); ``fresh_head=True`` keeps the new head instead of the file's (needed
-    when ``num_classes`` differs from the file's head or the file has none). ``load_report`` keeps the
-    ``LoadReport`` of that load (``None`` without weights).
+    after construction (see ``load_weights``), or published weights by name (``"pvt_v2_b2.in1k"``) or enum member
+    (``PVTv2_B2_Weights.DEFAULT``, see ``pvt_backbone.weights.hub``); ``fresh_head=True`` keeps the new head instead
+    of the file's (needed when ``num_classes`` differs from the file's head or the file has none). ``load_report``
+    keeps the ``LoadReport`` of that load (``None`` without weights).
 
     Example:
         >>> model = pvt_v2_b2()
@@ -43,7 +44,7 @@ class PVTv2(PVTv2Trunk):
         num_classes: int = 1000,
         img_size: int = 224,
         head_drop_rate: float = 0.0,
-        weights: WeightsSource | None = None,
+        weights: WeightsLike | None = None,
         fresh_head: bool = False,
         **options: Any,
     ) -> None:
@@ -105,8 +106,8 @@ def build_classifier(
     ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``sr_ratios``, ``qkv_bias`` and ``linear`` override the
     variant's config; ``drop_rate`` has the reference's meaning (dropout after attention projection and in the MLP,
     same as ``proj_drop_rate``); ``head_drop_rate`` is dropout before the head; ``in_chans`` is an alias of
-    ``in_channels``; ``weights`` (path, ``hf-hub:REPO`` or dict, any layout) is loaded strictly, and ``fresh_head=True``
-    keeps a new head when ``num_classes`` differs from the file's.
+    ``in_channels``; ``weights`` (path, ``hf-hub:REPO``, dict or published name, any layout) is loaded strictly, and
+    ``fresh_head=True`` keeps a new head when ``num_classes`` differs from the file's.
     """
     allowed = _CONFIG_KWARGS + _OPTION_KWARGS + _OTHER_KWARGS
     unknown = sorted(set(kwargs) - set(allowed))

@@ -317,7 +317,7 @@ def test_temp_file_carries_the_pid_and_the_mode_honours_the_umask(tmp_path: Path
 
 
 _KILLED_WRITER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from pvt_backbone.weights.io import atomic_write
 
@@ -325,7 +325,9 @@ def write(temp: Path) -> None:
     with open(temp, "wb") as handle:
         handle.write(b"new" * 100_000)
         handle.flush()
-        Path(sys.argv[2]).write_text(temp.name)  # tell the test where we are, then hang mid-write
+        # tell the test where we are (renamed, so it never reads a half-written name), then hang mid-write
+        Path(sys.argv[2] + ".part").write_text(temp.name)
+        os.replace(sys.argv[2] + ".part", sys.argv[2])
         time.sleep(60)
 
 atomic_write(sys.argv[1], write)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..config import VARIANTS
 from .detect import Architecture, infer_architecture, to_native
-from .io import Checkpoint, WeightsSource, read_checkpoint
+from .hub import WeightsLike, resolve_source
+from .io import Checkpoint, read_checkpoint
 from .layouts import (
     SHOWN,
     CheckpointError,
@@ -313,7 +314,7 @@ def _log(report: LoadReport, notes: list[str], *, incomplete: bool) -> None:
 
 def load_weights(
     model: nn.Module,
-    source: WeightsSource,
+    source: WeightsLike,
     *,
     strict: bool = True,
     layout: str = "auto",
@@ -332,7 +333,9 @@ def load_weights(
 
     Args:
         model: the module to fill; its parameters keep their device and dtype.
-        source: path, ``save_pretrained`` directory, ``"hf-hub:REPO[@REVISION]"`` or checkpoint dict.
+        source: path, ``save_pretrained`` directory, ``"hf-hub:REPO[@REVISION]"``, checkpoint dict, or published
+            weights: a name such as ``"pvt_v2_b2.in1k"`` or an enum member such as ``PVTv2_B2_Weights.DEFAULT``,
+            downloaded once into the torch hub cache (see ``pvt_backbone.weights.hub``). An existing path wins.
         layout: ``"auto"`` (from sentinel keys) or one of ``timm``, ``timm_features``, ``pvt``, ``hf``, ``mmdet``,
             ``lucid``.
         prefix: exact prefix of the PVTv2 keys inside the file (default: found automatically).
@@ -347,7 +350,7 @@ def load_weights(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
+    checkpoint = read_checkpoint(resolve_source(source), trust_pickle=trust_pickle)
     conversion = to_native(checkpoint.content, layout=layout, prefix=prefix)
     architecture = _architecture(conversion.state_dict)
     plan = _plan(conversion.state_dict, model.state_dict(), fresh_head=fresh_head)
@@ -366,7 +369,7 @@ def load_weights(
 
 def load_model_weights(
     model: nn.Module,
-    source: WeightsSource,
+    source: WeightsLike,
     *,
     trust_pickle: bool = False,
     hint: str = "weights= takes the whole model's state dict; backbone-only weights go in weights_backbone=",
@@ -374,7 +377,8 @@ def load_model_weights(
     """Load a whole model's state dict (a detector's, a segmenter's: any ``nn.Module``) under its own keys, strictly.
 
     ``source`` is a file (``.safetensors`` or a ``torch.save`` pickle, read as ``read_checkpoint`` reads), a
-    ``hf-hub:`` path or a dict; a ``state_dict``/``model`` container is unwrapped. Unlike ``load_weights`` no layout is
+    ``hf-hub:`` path, a published weights name or enum member (``pvt_backbone.weights.hub``) or a dict; a
+    ``state_dict``/``model`` container is unwrapped. Unlike ``load_weights`` no layout is
     mapped: every key and shape must match ``model`` exactly, or ``CheckpointError`` lists the differences, ends with
     ``hint``, and ``model`` is untouched.
 
@@ -384,7 +388,7 @@ def load_model_weights(
         >>> torch.equal(twin[2].weight, trained[2].weight)
         True
     """
-    checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
+    checkpoint = read_checkpoint(resolve_source(source), trust_pickle=trust_pickle)
     state_dict, _, _ = unwrap_checkpoint(checkpoint.content)
     load_state_dict_strict(model, state_dict, source=checkpoint.source, hint=hint)
     return model
