@@ -2,13 +2,15 @@
 
 The files are made on the fly from random weights in the layouts the README names: the authors' classifier release
 (``pvt_v2_b2.pth``), a timm classifier file (``model.safetensors``), an mmdet detector checkpoint
-(``mask_rcnn_pvt_v2_b2.pth``) and a trained Mask R-CNN's ``model.safetensors`` under ``runs/coco``. A few sizes are
-shrunk (``SHRINK``: each substitution must still match the README, so it cannot go stale silently).
+(``mask_rcnn_pvt_v2_b2.pth``), two published entries in a local torch hub cache (nothing downloads) and a trained
+Mask R-CNN's ``model.safetensors`` under ``runs/coco``. A few sizes are shrunk (``SHRINK``: each substitution must
+still match the README, so it cannot go stale silently).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from safetensors.torch import save_file
 
 from pvt_backbone import pvt_v2_b2
 from pvt_backbone.detection import maskrcnn_pvt_v2_fpn
-from pvt_backbone.weights import from_native
+from pvt_backbone.weights import from_native, get_weights
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -58,9 +60,11 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The files the README loads, from random weights."""
     root = tmp_path_factory.mktemp("readme")
+    hub = pytest.MonkeyPatch()
+    hub.setenv("TORCH_HOME", str(root / "torch_home"))
     native = pvt_v2_b2().state_dict()
     torch.save(from_native(native, "pvt").state_dict, root / "pvt_v2_b2.pth")  # authors' release layout
     _save(native, root / "model.safetensors")  # timm classifier file
@@ -68,9 +72,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mmdet = {f"backbone.{k}": v for k, v in from_native(body, "mmdet").state_dict.items()}
     mmdet["neck.lateral_convs.0.conv.weight"] = torch.zeros(256, 64, 1, 1)
     torch.save({"meta": {"epoch": 12}, "state_dict": mmdet}, root / "mask_rcnn_pvt_v2_b2.pth")
+    # published entries already in the torch hub cache (``TORCH_HOME`` below), as after a first download
+    for name in ("pvt_v2_b2.in1k", "pvt_v2_b2.in1k_timm"):
+        cached = get_weights(name).cache_path
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / ("pvt_v2_b2.pth" if name.endswith("in1k") else "model.safetensors"), cached)
     detector = maskrcnn_pvt_v2_fpn("b2", num_classes=81).state_dict()
     _save(detector, root / "runs/coco/checkpoints/step_00000100/model.safetensors")
-    return root
+    yield root
+    hub.undo()
 
 
 @pytest.fixture
