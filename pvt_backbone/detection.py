@@ -16,18 +16,36 @@ retinanet_pvt_v2_fpn      1 2 3 p6 p7      torchvision's, 5     -
 fcos_pvt_v2_fpn           1 2 3 p6 p7      torchvision's, 5     -
 ========================  ===============  ===================  =============================
 
+RetinaNet's extra levels are the published ones (mmdet's ``add_extra_convs="on_input"``): P6 = conv(C5), P7 =
+conv(P6) without a ReLU (``p6p7_source="p5"`` gives torchvision's P6 = conv(P5), P7 = conv(ReLU(P6))). FCOS keeps
+mmdet's published FCOS levels: P6 from P5 with a ReLU before P7.
+
 The detectors normalise and resize inside (``GeneralizedRCNNTransform``): feed RGB float images in [0, 1], not
 normalised. The builders set ImageNet's mean/std (the backbone's pretraining) and keep ``size_divisible=32``, so
 the padded batch is a multiple of the largest stride and the anchor strides come out exact.
 
 ``weights_backbone=`` is loaded by the backbone constructor (``PVTv2Backbone(weights=...)``); its ``LoadReport`` is
 ``model.backbone.body.load_report`` (``None`` without weights).
+
+``weights=`` (RetinaNet, Faster R-CNN, Mask R-CNN) takes a whole mmdetection 3.x / 2.x PVTv2 detector checkpoint (a
+path, a published weights name, or a checkpoint dict) and builds the detector that computes mmdet's function
+(``pvt_backbone.mmdet_compat``: anchors, box coding, RoIAlign, class layouts, test-time selection, mmdet's mean/std
+and ``min_size=800, max_size=1333``). Variant, class count and FPN width come from the file (a passed value that
+disagrees is a ``ValueError``); every key is mapped or explicitly dropped (``pvt_backbone.weights.detector_layouts``)
+and loaded strictly; ``model.load_report`` says what was loaded and dropped. A Mask R-CNN file serves
+``fasterrcnn_pvt_v2_fpn`` with its mask head dropped (a ``LoadWarning``). Pickles that need code load only with
+``trust_pickle=True``. R-CNN labels are mmdet's class index + 1, RetinaNet labels mmdet's.
+
+``model.class_names`` is a tuple indexed by output label (index 0 ``"__background__"`` for R-CNNs): the names in the
+file's meta, else COCO's 80 for 80 classes, else ``"class_<i>"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +61,7 @@ from heads.fpn import extra_level_names
 
 from .backbone import BackboneOptions, PVTv2Backbone
 from .checks import check_int
-from .config import NUM_STAGES, PVTv2Config
+from .config import NUM_STAGES, VARIANTS, PVTv2Config, get_config
 
 __all__ = [
     "PVTv2FPN",
@@ -62,6 +80,10 @@ __all__ = [
 
 # A checkpoint for PVTv2Backbone(weights=...): a path, "hf-hub:REPO" or a state dict.
 WeightsArg = str | os.PathLike[str] | Mapping[str, Tensor] | None
+# A whole mmdet detector checkpoint for the builders' weights=: a path, a published weights name or a checkpoint dict.
+DetectorWeightsArg = str | os.PathLike[str] | Mapping[str, object] | None
+# Detectors whose builders take a whole mmdet checkpoint as weights= (pvt_backbone.mmdet_compat).
+_PUBLISHED = ("retinanet", "fasterrcnn", "maskrcnn")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -256,16 +278,7 @@ def _check_image_stats(kwargs: dict[str, Any], in_channels: object) -> None:
         raise ValueError(f"image_std entries must be > 0, got {kwargs['image_std']!r}")
 
 
-def _build_detector(
-    name: str,
-    variant: PVTv2Config | str,
-    *,
-    num_classes: int,
-    weights_backbone: WeightsArg,
-    trainable_stages: int,
-    kwargs: dict[str, Any],
-) -> nn.Module:
-    spec = DETECTORS[name]
+def _check_kwargs(name: str, spec: DetectorSpec, kwargs: dict[str, Any]) -> None:
     accepted = set(inspect.signature(spec.model_cls.__init__).parameters) - {
         "self",
         "backbone",
@@ -277,14 +290,15 @@ def _build_detector(
     if "frozen_stages" in kwargs:
         raise TypeError("pass trainable_stages (stages left trainable, counted from the last), not frozen_stages")
     if "weights" in kwargs:
-        raise TypeError("pass the backbone checkpoint as weights_backbone=, not weights=")
+        raise TypeError(
+            f"{name}_pvt_v2_fpn takes no whole-detector weights= (published mmdet detectors: "
+            f"{', '.join(_PUBLISHED)}); pass the backbone checkpoint as weights_backbone="
+        )
     if unknown:
         raise TypeError(
             f"{name}_pvt_v2_fpn got unexpected keyword arguments {unknown}; allowed: {spec.model_cls.__name__} "
             f"options, backbone options {list(_BACKBONE_KWARGS)} and neck options {list(_NECK_KWARGS)}"
         )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int (background included for R-CNNs), got {num_classes!r}")
     size_divisible = kwargs.get("size_divisible", _PAD_MULTIPLE)
     check_int("size_divisible", size_divisible, minimum=1)
     if size_divisible % _PAD_MULTIPLE:
@@ -292,42 +306,183 @@ def _build_detector(
             f"size_divisible must be a multiple of {_PAD_MULTIPLE} (the stride of the coarsest stage), got "
             f"{size_divisible}: otherwise the anchor strides derived from padded size // map size are wrong"
         )
-
-    level_names = spec.level_names
     if kwargs.get(spec.anchor_arg) is not None:
-        _check_anchor_generator(spec.anchor_arg, kwargs[spec.anchor_arg], spec, level_names)
+        _check_anchor_generator(spec.anchor_arg, kwargs[spec.anchor_arg], spec, spec.level_names)
     for arg in spec.roi_pool_args:
         if kwargs.get(arg) is not None:
-            _check_roi_pool(arg, kwargs[arg], level_names)
-    _check_image_stats(kwargs, kwargs.get("in_channels", 3))
+            _check_roi_pool(arg, kwargs[arg], spec.level_names)
 
+
+def _check_num_classes(num_classes: object) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (background included for R-CNNs), got {num_classes!r}")
+    return num_classes
+
+
+def _set_class_names(model: nn.Module, name: str, num_classes: int, stored: tuple[str, ...] | None = None) -> None:
+    """``model.class_names``: a tuple indexed by output label ("__background__" first for R-CNNs)."""
+    from .weights.detectors import class_names_for
+
+    rcnn = name not in ("retinanet", "fcos")
+    model.class_names = class_names_for(num_classes - rcnn, stored, background=rcnn)  # type: ignore[assignment]
+
+
+def _build_detector(
+    name: str,
+    variant: PVTv2Config | str | None,
+    *,
+    num_classes: int | None,
+    weights_backbone: WeightsArg,
+    trainable_stages: int,
+    kwargs: dict[str, Any],
+    weights: DetectorWeightsArg = None,
+) -> nn.Module:
+    spec = DETECTORS[name]
+    trust_pickle = bool(kwargs.pop("trust_pickle", False))
+    _check_kwargs(name, spec, kwargs)
+    if weights is not None:
+        if weights_backbone is not None:
+            raise ValueError("pass weights= (a whole detector) or weights_backbone= (a backbone), not both")
+        return _build_published(name, variant, num_classes, weights, trust_pickle, trainable_stages, kwargs)
+    if num_classes is None:
+        raise ValueError(f"{name}_pvt_v2_fpn needs num_classes (background included for R-CNNs) without weights=")
+    num_classes = _check_num_classes(num_classes)
+    _check_image_stats(kwargs, kwargs.get("in_channels", 3))
     backbone_options = {key: kwargs.pop(key) for key in _BACKBONE_KWARGS + _NECK_KWARGS if key in kwargs}
+    if name == "retinanet":  # the published RetinaNet's P6 reads C5 (mmdet's add_extra_convs="on_input")
+        backbone_options.setdefault("p6p7_source", "c5")
     backbone = pvt_fpn_backbone(
-        variant,
+        "b2" if variant is None else variant,
         weights=weights_backbone,
         out_indices=spec.out_indices,
         extra_levels=spec.extra_levels,
         trainable_stages=trainable_stages,
         **backbone_options,
     )
-    return spec.model_cls(backbone, num_classes=num_classes, **kwargs)
+    if name == "retinanet" and backbone.fpn.extra_blocks.source == "c5":
+        from .mmdet_compat import P6P7FromC5
+
+        fpn = backbone.fpn
+        fpn.extra_blocks = P6P7FromC5(fpn.out_channels, c5_channels=fpn.in_channels[-1])
+    model = spec.model_cls(backbone, num_classes=num_classes, **kwargs)
+    _set_class_names(model, name, num_classes)
+    return model
+
+
+def _published_config(variant: PVTv2Config | str | None, file: Any) -> PVTv2Config:
+    """The backbone config for a detector file: its table variant (or ``variant``, checked), with its norm eps."""
+    arch = file.architecture
+    if variant is None:
+        if arch.variant is None:
+            raise ValueError(
+                f"the backbone in {file.source} is {arch.describe()}, no table variant: pass "
+                "variant=PVTv2Config(...) with its num_heads"
+            )
+        config = VARIANTS[arch.variant]
+    else:
+        config = get_config(variant)
+        shapes = (config.embed_dims, config.depths, tuple(map(float, config.mlp_ratios)), config.linear)
+        if shapes != (arch.embed_dims, arch.depths, arch.mlp_ratios, arch.linear):
+            raise ValueError(f"variant {variant!r} does not match {file.source}, which holds {arch.describe()}")
+    return dataclasses.replace(config, embed_norm_eps=file.eps[0], norm_eps=file.eps[1])
+
+
+def _check_file_sizes(name: str, num_classes: int | None, kwargs: dict[str, Any], file: Any) -> int:
+    """The model's ``num_classes`` (torchvision's meaning) from the file; passed values must agree."""
+    expected = file.num_classes + (name != "retinanet")
+    if num_classes is not None and _check_num_classes(num_classes) != expected:
+        meaning = "" if name == "retinanet" else " (background included)"
+        raise ValueError(f"num_classes={num_classes} but {file.source} has {expected} classes{meaning}")
+    width = kwargs.pop("fpn_channels", None)
+    if width is not None and width != file.fpn_channels:
+        raise ValueError(f"fpn_channels={width} but {file.source} has an FPN {file.fpn_channels} wide")
+    for fixed in ("p6p7_source", "fpn_norm_layer", "in_channels"):
+        if fixed in kwargs:
+            raise ValueError(f"{fixed} is fixed by the published detector in {file.source}; leave it out")
+    return expected
+
+
+def _build_published(
+    name: str,
+    variant: PVTv2Config | str | None,
+    num_classes: int | None,
+    weights: DetectorWeightsArg,
+    trust_pickle: bool,
+    trainable_stages: int,
+    kwargs: dict[str, Any],
+) -> nn.Module:
+    """mmdet's detector of a whole checkpoint, loaded strictly, with ``load_report`` and ``class_names``."""
+    from .mmdet_compat import mmdet_rcnn, mmdet_retinanet
+    from .weights.detectors import DetectorLoadReport, read_detector_file
+    from .weights.load import LoadWarning
+    from .weights.state_dict import load_state_dict_strict
+
+    if name not in _PUBLISHED:
+        raise TypeError(f"{name}_pvt_v2_fpn has no published mmdet weights; pass weights_backbone=")
+    file = read_detector_file(weights, arch=name, trust_pickle=trust_pickle)
+    total = _check_file_sizes(name, num_classes, kwargs, file)
+    spec = DETECTORS[name]
+    backbone_options = {key: kwargs.pop(key) for key in _BACKBONE_KWARGS if key in kwargs}
+    backbone = pvt_fpn_backbone(
+        _published_config(variant, file),
+        out_indices=spec.out_indices,
+        extra_levels=spec.extra_levels,
+        fpn_channels=file.fpn_channels,
+        trainable_stages=trainable_stages,
+        **backbone_options,
+    )
+    if name == "retinanet":
+        model = mmdet_retinanet(backbone, file.num_classes, **kwargs)
+    else:
+        mask = file.mask_channels if name == "maskrcnn" else None
+        model = mmdet_rcnn(
+            backbone, file.num_classes, representation_size=file.representation_size, mask_channels=mask, **kwargs
+        )
+    load_state_dict_strict(
+        model, file.state_dict, source=file.source, hint="the file's detector differs from mmdet's published one"
+    )
+    note = f"eps {file.eps[0]:g}/{file.eps[1]:g} (embedding and SR / block norms) of the {file.backbone_layout} code"
+    model.load_report = DetectorLoadReport(  # type: ignore[assignment]
+        file.source,
+        file.sha256,
+        file.arch,
+        file.backbone_layout,
+        file.architecture,
+        tuple(file.state_dict),
+        file.dropped,
+        (note,),
+    )
+    unexpected = [d for d in file.dropped if not d.key.startswith("[")]
+    if unexpected:
+        warnings.warn(
+            f"{file.source}: {len(unexpected)} entries left out, e.g. {unexpected[0].key} "
+            f"({unexpected[0].reason}); see model.load_report",
+            LoadWarning,
+            stacklevel=3,
+        )
+    _set_class_names(model, name, total, file.class_names)
+    return model
 
 
 def fasterrcnn_pvt_v2_fpn(
-    variant: PVTv2Config | str = "b2",
+    variant: PVTv2Config | str | None = None,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
+    weights: DetectorWeightsArg = None,
     weights_backbone: WeightsArg = None,
     trainable_stages: int = 4,
     **kwargs: Any,
 ) -> FasterRCNN:
     """Faster R-CNN with a PVTv2 + FPN backbone (levels ``"0"``-``"3"`` + ``"pool"``).
 
-    ``num_classes`` includes the background. ``kwargs`` go to ``torchvision.models.detection.FasterRCNN``
+    ``num_classes`` includes the background (inferred from ``weights=``, a whole mmdet Faster or Mask R-CNN file; see
+    the module docstring). ``variant`` defaults to the file's, else ``"b2"``. ``kwargs`` go to
+    ``torchvision.models.detection.FasterRCNN``
     (``min_size``, ``max_size``, ``box_score_thresh``, ``rpn_anchor_generator``, ...), except backbone options
     (``in_channels``, ``drop_path_rate``, ``grad_checkpointing``, ...) and neck options (``fpn_channels``,
-    ``fpn_norm_layer``). Input: list of (C_in, H, W) float images in [0, 1]; train-mode output: loss dict; eval
-    output: one dict per image with ``boxes`` (N, 4) xyxy in input pixels, ``labels`` (N,), ``scores`` (N,).
+    ``fpn_norm_layer``) and ``trust_pickle``. Input: list of (C_in, H, W) float images in [0, 1]; train-mode
+    output: loss dict; eval output: one dict per image with ``boxes`` (N, 4) xyxy in input pixels, ``labels`` (N,),
+    ``scores`` (N,).
 
     Example:
         >>> model = fasterrcnn_pvt_v2_fpn("b0", num_classes=3, min_size=128, max_size=192).eval()
@@ -338,6 +493,7 @@ def fasterrcnn_pvt_v2_fpn(
         "fasterrcnn",
         variant,
         num_classes=num_classes,
+        weights=weights,
         weights_backbone=weights_backbone,
         trainable_stages=trainable_stages,
         kwargs=kwargs,
@@ -345,16 +501,18 @@ def fasterrcnn_pvt_v2_fpn(
 
 
 def maskrcnn_pvt_v2_fpn(
-    variant: PVTv2Config | str = "b2",
+    variant: PVTv2Config | str | None = None,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
+    weights: DetectorWeightsArg = None,
     weights_backbone: WeightsArg = None,
     trainable_stages: int = 4,
     **kwargs: Any,
 ) -> MaskRCNN:
     """Mask R-CNN with a PVTv2 + FPN backbone (levels ``"0"``-``"3"`` + ``"pool"``).
 
-    As ``fasterrcnn_pvt_v2_fpn``; eval output adds ``masks`` (N, 1, H, W) probabilities at input size.
+    As ``fasterrcnn_pvt_v2_fpn`` (``weights=``: an mmdet Mask R-CNN file); eval output adds ``masks`` (N, 1, H, W)
+    probabilities at input size.
 
     Example:
         >>> model = maskrcnn_pvt_v2_fpn("b0", num_classes=3, min_size=128, max_size=192).eval()
@@ -365,6 +523,7 @@ def maskrcnn_pvt_v2_fpn(
         "maskrcnn",
         variant,
         num_classes=num_classes,
+        weights=weights,
         weights_backbone=weights_backbone,
         trainable_stages=trainable_stages,
         kwargs=kwargs,
@@ -372,9 +531,9 @@ def maskrcnn_pvt_v2_fpn(
 
 
 def keypointrcnn_pvt_v2_fpn(
-    variant: PVTv2Config | str = "b2",
+    variant: PVTv2Config | str | None = None,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     weights_backbone: WeightsArg = None,
     trainable_stages: int = 4,
     **kwargs: Any,
@@ -400,18 +559,20 @@ def keypointrcnn_pvt_v2_fpn(
 
 
 def retinanet_pvt_v2_fpn(
-    variant: PVTv2Config | str = "b2",
+    variant: PVTv2Config | str | None = None,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
+    weights: DetectorWeightsArg = None,
     weights_backbone: WeightsArg = None,
     trainable_stages: int = 4,
     **kwargs: Any,
 ) -> RetinaNet:
-    """RetinaNet with a PVTv2 + FPN backbone (levels ``"1"``-``"3"`` + ``"p6"``, ``"p7"``; P6 from P5).
+    """RetinaNet with a PVTv2 + FPN backbone (levels ``"1"``-``"3"`` + ``"p6"``, ``"p7"``; P6 from C5, no ReLU).
 
-    ``kwargs`` go to ``torchvision.models.detection.RetinaNet`` (``min_size``, ``score_thresh``,
-    ``anchor_generator``, ...), except backbone options and neck options (``fpn_channels``, ``p6p7_source``,
-    ``fpn_norm_layer``). Eval output: one dict per image with ``boxes``, ``labels``, ``scores``.
+    ``num_classes`` excludes a background; with ``weights=`` (a whole mmdet RetinaNet file) it is inferred.
+    ``kwargs`` go to ``torchvision.models.detection.RetinaNet`` (``min_size``, ``score_thresh``, ``anchor_generator``,
+    ...), except backbone options, neck options (``fpn_channels``, ``p6p7_source``, ``fpn_norm_layer``) and
+    ``trust_pickle``. Eval output: one dict per image with ``boxes``, ``labels``, ``scores``.
 
     Example:
         >>> model = retinanet_pvt_v2_fpn("b0", num_classes=3, min_size=128, max_size=192).eval()
@@ -422,6 +583,7 @@ def retinanet_pvt_v2_fpn(
         "retinanet",
         variant,
         num_classes=num_classes,
+        weights=weights,
         weights_backbone=weights_backbone,
         trainable_stages=trainable_stages,
         kwargs=kwargs,
@@ -429,16 +591,17 @@ def retinanet_pvt_v2_fpn(
 
 
 def fcos_pvt_v2_fpn(
-    variant: PVTv2Config | str = "b2",
+    variant: PVTv2Config | str | None = None,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     weights_backbone: WeightsArg = None,
     trainable_stages: int = 4,
     **kwargs: Any,
 ) -> FCOS:
     """FCOS with a PVTv2 + FPN backbone (levels ``"1"``-``"3"`` + ``"p6"``, ``"p7"``; P6 from P5).
 
-    As ``retinanet_pvt_v2_fpn``, for ``torchvision.models.detection.FCOS``.
+    As ``retinanet_pvt_v2_fpn`` without ``weights=``, for ``torchvision.models.detection.FCOS``; P6 reads P5 and P7
+    a ReLU of P6, as mmdet's published FCOS (``add_extra_convs="on_output"``, ``relu_before_extra_convs=True``).
 
     Example:
         >>> model = fcos_pvt_v2_fpn("b0", num_classes=3, min_size=128, max_size=192).eval()

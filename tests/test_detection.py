@@ -142,8 +142,8 @@ def test_canonical_levels_normalisation_and_padding(name: str, tiny: PVTv2Config
     assert model.transform.size_divisible == 32
     generator = model.rpn.anchor_generator if spec.anchor_arg == "rpn_anchor_generator" else model.anchor_generator
     assert len(generator.sizes) == len(expected)
-    if spec.extra_levels == "p6p7":
-        assert model.backbone.fpn.extra_blocks.source == "p5"
+    if spec.extra_levels == "p6p7":  # RetinaNet: the published P6 from C5; FCOS: mmdet's FCOS, P6 from P5
+        assert model.backbone.fpn.extra_blocks.source == ("c5" if name == "retinanet" else "p5")
 
 
 def test_padded_batch_gives_exact_strides_at_every_level(tiny: PVTv2Config) -> None:
@@ -222,7 +222,9 @@ def test_other_bad_arguments_are_rejected(tiny: PVTv2Config) -> None:
     with pytest.raises(TypeError, match="not frozen_stages"):
         pvt_fpn_backbone(tiny, frozen_stages=1)
     with pytest.raises(TypeError, match="as weights_backbone="):
-        retinanet_pvt_v2_fpn(tiny, num_classes=2, weights="x.safetensors")
+        fcos_pvt_v2_fpn(tiny, num_classes=2, weights="x.safetensors")
+    with pytest.raises(FileNotFoundError, match="x.safetensors"):  # a whole-detector file for RetinaNet
+        retinanet_pvt_v2_fpn(tiny, weights="x.safetensors")
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['box_score_threshold'\]"):
         fasterrcnn_pvt_v2_fpn(tiny, num_classes=2, box_score_threshold=0.5)
     with pytest.raises(ValueError, match="size_divisible must be a multiple of 32"):
