@@ -9,15 +9,17 @@ Example:
     >>> model = fasterrcnn_pvt_v2_fpn("b0", num_classes=4, min_size=64, max_size=64, fpn_channels=32)
     >>> scenes = SyntheticShapes("val", num_images=2, config=SyntheticConfig(image_size=64))
     >>> metrics = evaluate_detection(model, scenes, iou_types=("bbox",))
-    >>> sorted(metrics)[:3], all(-1.0 <= value <= 1.0 for value in metrics.values())
+    >>> sorted(metrics)[:3], all(-1.0 <= metrics[f"bbox_{name}"] <= 1.0 for name in COCO_STAT_NAMES)
     (['bbox_mAP', 'bbox_mAP50', 'bbox_mAP75'], True)
+    >>> set(metrics["bbox_per_class"]) <= set(scenes.categories)  # AP per category name
+    True
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,15 +115,19 @@ def coco_evaluate(
     image_ids: Sequence[int] | None = None,
     keypoint_sigmas: Sequence[float] | None = None,
     verbose: bool = False,
-) -> dict[str, float]:
-    """Score COCO results with ``COCOeval``; returns ``{"<iou_type>_<stat>": value}`` from ``COCOeval.stats``.
+) -> dict[str, Any]:
+    """Score COCO results with ``COCOeval``; returns ``{"<iou_type>_<stat>": value}`` from ``COCOeval.stats`` and
+    ``{"<iou_type>_per_class": {category name: AP}}``.
 
     ``iou_type`` is ``"bbox"``, ``"segm"`` or ``"keypoints"``; stats are ``COCO_STAT_NAMES`` (area range "all",
-    100 detections). No results at all scores 0.0 (pycocotools cannot load an empty result list). ``image_ids``
-    restricts scoring to those images (default: every image of ``coco_gt``). ``verbose`` prints pycocotools'
-    summary table.
+    100 detections). The per-class AP is ``mAP``'s average (IoU 0.50:0.95, area "all", 100 detections; 20 for
+    keypoints) over one category's slice of ``COCOeval.eval["precision"]``; categories without ground truth in the
+    scored images are left out, so the mean of the per-class APs is ``mAP``. A category name that occurs twice is
+    keyed ``"<name> (id <id>)"``. No results at all scores 0.0 (pycocotools cannot load an empty result list).
+    ``image_ids`` restricts scoring to those images (default: every image of ``coco_gt``). ``verbose`` prints
+    pycocotools' summary table.
     """
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
     for iou_type in iou_types:
         if iou_type not in ("bbox", "segm", "keypoints"):
             raise ValueError(f"iou_type must be 'bbox', 'segm' or 'keypoints', got {iou_type!r}")
@@ -131,6 +137,7 @@ def coco_evaluate(
             relevant = [{k: v for k, v in r.items() if k != "bbox"} for r in relevant]
         if not relevant:
             metrics.update({f"{iou_type}_{name}": 0.0 for name in names})
+            metrics[f"{iou_type}_per_class"] = _per_class_without_results(coco_gt, image_ids)
             continue
         sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with sink:
@@ -145,7 +152,37 @@ def coco_evaluate(
             evaluator.summarize()
         # COCOeval reports -1 where there is no ground truth (e.g. no small objects); keep it: it means "undefined".
         metrics.update({f"{iou_type}_{name}": float(v) for name, v in zip(names, evaluator.stats)})
+        metrics[f"{iou_type}_per_class"] = _per_class_ap(evaluator, coco_gt)
     return metrics
+
+
+def _category_keys(coco_gt: COCO, category_ids: Sequence[int]) -> list[str]:
+    """Each category's name, or ``"<name> (id <id>)"`` where two categories share a name."""
+    names = [coco_gt.cats[i]["name"] for i in category_ids]
+    return [f"{name} (id {i})" if names.count(name) > 1 else name for name, i in zip(names, category_ids)]
+
+
+def _per_class_ap(evaluator: COCOeval, coco_gt: COCO) -> dict[str, float]:
+    """AP per category from an accumulated ``COCOeval``: the mean of its precision over IoU thresholds and recall
+    points, area "all", the largest max-detections; categories without ground truth (precision -1) are left out."""
+    # precision: (IoU thresholds, recall points, categories, area ranges, max detections); -1 = no ground truth
+    precision = evaluator.eval["precision"][:, :, :, evaluator.params.areaRngLbl.index("all"), -1]
+    per_class: dict[str, float] = {}
+    for k, key in enumerate(_category_keys(coco_gt, evaluator.params.catIds)):
+        values = precision[:, :, k]
+        values = values[values > -1]
+        if values.size:
+            per_class[key] = float(values.mean())
+    return per_class
+
+
+def _per_class_without_results(coco_gt: COCO, image_ids: Sequence[int] | None) -> dict[str, float]:
+    """0.0 for each category with (non-crowd) ground truth in the scored images: nothing was detected."""
+    ids = coco_gt.getImgIds() if image_ids is None else list(image_ids)
+    annotations = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=ids, iscrowd=False))
+    present = sorted({a["category_id"] for a in annotations})
+    keys = dict(zip(coco_gt.getCatIds(), _category_keys(coco_gt, coco_gt.getCatIds())))
+    return {keys[i]: 0.0 for i in present}
 
 
 def _has_field(result: dict[str, Any], iou_type: str) -> bool:
@@ -215,8 +252,9 @@ def evaluate_detection(
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
-) -> dict[str, float]:
-    """Run a torchvision detector over a ``DetectionDataset`` and score it with ``COCOeval``.
+) -> dict[str, Any]:
+    """Run a torchvision detector over a ``DetectionDataset`` and score it with ``COCOeval`` (:func:`coco_evaluate`:
+    the stats and AP per class name).
 
     The model is put in eval mode and restored afterwards. Under ``torch.distributed`` every rank evaluates images
     ``rank::world_size`` and all ranks return the same metrics. ``amp`` runs the forward passes under
@@ -239,13 +277,13 @@ def evaluate_detection(
             ids = [target["image_id"] for _, target in samples]
             results.extend(coco_results(outputs, ids, dataset.category_ids))
     results = _gather(results)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
     if _rank_world()[0] == 0:
         metrics = coco_evaluate(dataset.coco, results, iou_types)
     return _broadcast(metrics)
 
 
-def _broadcast(value: dict[str, float]) -> dict[str, float]:
+def _broadcast(value: dict[str, Any]) -> dict[str, Any]:
     rank, world = _rank_world()
     if world == 1:
         return value
@@ -346,10 +384,13 @@ def evaluate_segmentation(
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
+    inference: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
     """mIoU and pixel accuracy of a segmenter over a ``SegmentationDataset``, at each image's own resolution.
 
     Images go through the model one at a time (sizes may differ), resized to ``size`` x ``size`` when given.
+    ``inference(model, image)``, when given, maps a (1, 3, H, W) image in [0, 1] to its (1, C, H, W) logits
+    instead (e.g. :class:`~pvt_backbone.training.seg_inference.SegmentationInference`); ``size`` is then unused.
     """
     if size is not None:
         check_int("size", size, minimum=1)
@@ -362,7 +403,10 @@ def evaluate_segmentation(
         for index in indices:
             image, mask = dataset[index]
             with autocast(device, enabled=amp):
-                logits = segmentation_logits(model, image[None].to(device), size=size)
+                if inference is not None:
+                    logits = inference(model, image[None].to(device))
+                else:
+                    logits = segmentation_logits(model, image[None].to(device), size=size)
             matrix.update(logits.argmax(1)[0].cpu(), mask)
     matrix.all_reduce(device)
     return matrix.metrics()

@@ -29,7 +29,10 @@ from .data import (
     SyntheticSegmentation,
     SyntheticShapes,
 )
+from .data.augment import MULTISCALE_SIZES
+from .data.protocol import check_protocol, inference_settings
 from .evaluation import evaluate_detection, evaluate_segmentation, normalize_images
+from .seg_inference import InferenceView, SegmentationInference
 
 __all__ = [
     "TASKS",
@@ -216,7 +219,25 @@ class DataSpec:
 
     ``synthetic`` needs nothing (``synthetic_classes`` shape classes, ``train_size``/``val_size`` scenes of
     ``image_size`` px); ``coco`` needs ``train_images`` + ``train_annotations`` (and ``val_*`` to evaluate);
-    ``folder`` needs ``train_images`` + ``train_masks`` (and ``val_*``), optionally ``num_classes``.
+    ``folder`` needs ``train_images`` + ``train_masks`` (and ``val_*``), optionally ``num_classes`` and
+    ``class_names_file`` (a text file, one class name per line; COCO data names its classes by its categories).
+
+    Training augmentation of the detection tasks, ``augment``: ``"flip"`` (horizontal flip, p = 0.5), ``"none"``,
+    ``"multiscale"`` (flip, shorter side one of ``multiscale_sizes``, longer side at most ``max_size``; mmdet's 3x:
+    480..800 step 32, 1333), ``"detr"`` (flip, then multi-scale or DETR's resize + random crop + multi-scale),
+    ``"lsj"`` (large-scale jitter: scale 0.1..2.0, ``image_size`` square crop, flip, pad);
+    ``photometric=True`` adds photometric distortion. Boxes, masks and keypoints follow (keypoints ``left_*`` /
+    ``right_*`` swap on a flip). ``group_aspect_ratio=True`` batches images of one aspect-ratio group (w/h >= 1 or
+    < 1) together. See :mod:`pvt_backbone.training.data.augment` and :mod:`~pvt_backbone.training.data.grouping`.
+
+    Segmentation, ``seg_protocol``: ``"square"`` trains and evaluates at ``image_size`` x ``image_size``;
+    ``"keep_ratio"`` is mmseg's ADE20K protocol: training rescales to fit ``seg_scale`` (longer, shorter; default
+    (4 x ``image_size``, ``image_size``), i.e. (2048, 512)) times a ratio in ``seg_ratio_range``, crops
+    ``image_size`` square with no class above ``cat_max_ratio`` of the crop, flips, distorts photometrically and
+    pads with 255; evaluation rescales to fit ``seg_scale`` and runs ``eval_mode`` ``"whole"`` or ``"slide"``
+    (``slide_crop`` default ``image_size``, ``slide_stride`` default two thirds of it), over ``test_scales``
+    ratios and, with ``test_flip``, mirrored copies, averaging logits at the original size.
+    ``reduce_zero_label=True`` (``folder`` only) maps mask id 0 to 255 and moves the others down by one (ADE20K).
     """
 
     kind: str = "synthetic"
@@ -232,10 +253,27 @@ class DataSpec:
     val_size: int = 50
     image_size: int | None = None
     seed: int = 0
+    class_names_file: str | None = None
+    augment: str = "flip"
+    multiscale_sizes: tuple[int, ...] = MULTISCALE_SIZES
+    max_size: int = 1333
+    photometric: bool = False
+    group_aspect_ratio: bool = False
+    seg_protocol: str = "square"
+    seg_scale: tuple[int, int] | None = None
+    seg_ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    eval_mode: str = "whole"
+    slide_crop: int | None = None
+    slide_stride: int | None = None
+    test_scales: tuple[float, ...] = (1.0,)
+    test_flip: bool = False
+    reduce_zero_label: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in DATASETS:
             raise ValueError(f"unknown dataset {self.kind!r}; expected one of {', '.join(DATASETS)}")
+        check_protocol(self)
 
     @property
     def resolved_image_size(self) -> int:
@@ -252,7 +290,18 @@ def _need(spec: DataSpec, *names: str) -> None:
 
 
 def build_datasets(spec: DataSpec, task: str, *, train: bool = True, val: bool = True) -> tuple[Any, Any]:
-    """(train, val) datasets for a task; either is None when not requested or, for val, not configured."""
+    """(train, val) datasets for a task; either is None when not requested or, for val, not configured. With
+    ``seg_protocol="keep_ratio"`` the val set is an ``InferenceView`` carrying its ``SegmentationInference``."""
+    train_set, val_set = _build_datasets(spec, task, train=train, val=val)
+    if task == "segmentation" and spec.seg_protocol == "keep_ratio" and val_set is not None:
+        settings = inference_settings(spec, spec.resolved_image_size)
+        val_set = InferenceView(val_set, SegmentationInference(**settings))
+    return train_set, val_set
+
+
+def _build_datasets(spec: DataSpec, task: str, *, train: bool, val: bool) -> tuple[Any, Any]:
+    if spec.class_names_file is not None and spec.kind != "folder":
+        raise ValueError(f"class_names_file is for dataset 'folder'; dataset {spec.kind!r} names its classes itself")
     if spec.kind == "synthetic":
         config = SyntheticConfig(
             image_size=spec.resolved_image_size, num_classes=spec.synthetic_classes, seed=spec.seed
@@ -279,11 +328,23 @@ def build_datasets(spec: DataSpec, task: str, *, train: bool = True, val: bool =
     train_set = val_set = None
     if train:
         _need(spec, "train_images", "train_masks")
-        train_set = SegmentationFolder(spec.train_images, spec.train_masks, num_classes=spec.num_classes)
+        train_set = SegmentationFolder(
+            spec.train_images,
+            spec.train_masks,
+            num_classes=spec.num_classes,
+            class_names_file=spec.class_names_file,
+            reduce_zero_label=spec.reduce_zero_label,
+        )
     if val and (spec.val_images or spec.val_masks):
         _need(spec, "val_images", "val_masks")
         classes = spec.num_classes if spec.num_classes is not None else (train_set.num_classes if train_set else None)
-        val_set = SegmentationFolder(spec.val_images, spec.val_masks, num_classes=classes)
+        val_set = SegmentationFolder(
+            spec.val_images,
+            spec.val_masks,
+            num_classes=classes,
+            class_names_file=spec.class_names_file,
+            reduce_zero_label=spec.reduce_zero_label,
+        )
     return train_set, val_set
 
 
@@ -320,8 +381,16 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Task metrics of ``model`` on ``dataset``: COCOeval stats for detectors, mIoU/pixel accuracy for segmenters."""
-    if spec.task == "segmentation":
-        return evaluate_segmentation(model, dataset, size=spec.image_size, device=device, amp=amp, progress=progress)
+    if spec.task == "segmentation":  # an InferenceView (keep-ratio protocol) brings its own inference
+        return evaluate_segmentation(
+            model,
+            dataset,
+            size=spec.image_size,
+            device=device,
+            amp=amp,
+            progress=progress,
+            inference=getattr(dataset, "inference", None),
+        )
     return evaluate_detection(
         model,
         dataset,

@@ -300,6 +300,13 @@ class CocoDetection(DetectionDataset):
     def image_path(self, index: int) -> Path:
         return self.image_dir / self._images[index]["file_name"]
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of image ``index``: the sizes the JSON declares, else read from the file's header."""
+        entry = self._images[index]
+        if "width" in entry and "height" in entry:
+            return int(entry["height"]), int(entry["width"])
+        return self._size_of(entry)
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         entry = self._images[index]
         image = load_image(self.image_dir / entry["file_name"])

@@ -280,12 +280,20 @@ class _SyntheticBase:
         return self.num_images
 
     def _scene(self, index: int) -> Scene:
-        if not -self.num_images <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        self._scene_range(index)
         return render_scene(self.config, self.split, index % self.num_images)
 
     def image_name(self, index: int) -> str:
         return f"synthetic_{self.split}_{index:06d}.png"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of scene ``index``: every scene is ``config.image_size`` square."""
+        self._scene_range(index)
+        return self.config.image_size, self.config.image_size
+
+    def _scene_range(self, index: int) -> None:
+        if not -self.num_images <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
 
 
 class SyntheticShapes(_SyntheticBase, DetectionDataset):

@@ -6,7 +6,8 @@ Augmentation randomness comes from the sample key, never from a global RNG: the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from heads import resize_bilinear
 
 from ...checks import check_float, check_int
+from .augment import DetectionAugment, hflip_detection, keypoint_flip_permutation
 
 __all__ = [
     "keypoint_flip_permutation",
@@ -29,47 +31,6 @@ __all__ = [
     "collate_detection",
     "collate_segmentation",
 ]
-
-
-def keypoint_flip_permutation(names: Sequence[str]) -> list[int]:
-    """Where keypoint k moves under a horizontal flip: names with ``left`` and ``right`` swapped (COCO style).
-
-    >>> keypoint_flip_permutation(["top", "right", "bottom", "left"])
-    [0, 3, 2, 1]
-    """
-    lookup = {name: i for i, name in enumerate(names)}
-    perm = []
-    for name in names:
-        mirrored = name.replace("left", "\0").replace("right", "left").replace("\0", "right")
-        perm.append(lookup.get(mirrored, lookup[name]))
-    return perm
-
-
-def hflip_detection(
-    image: Tensor, target: dict[str, Any], flip_perm: Sequence[int] | None = None
-) -> tuple[Tensor, dict[str, Any]]:
-    """Mirror a (3, H, W) image and its target (boxes (N, 4) xyxy, masks (N, H, W), keypoints (N, K, 3) reordered
-    by ``flip_perm``) left to right.
-
-    Example:
-        >>> image, target = hflip_detection(torch.zeros(3, 4, 10), {"boxes": torch.tensor([[1.0, 0.0, 3.0, 4.0]])})
-        >>> target["boxes"].tolist()
-        [[7.0, 0.0, 9.0, 4.0]]
-    """
-    width = image.shape[-1]
-    target = dict(target)
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    target["boxes"] = boxes
-    if "masks" in target:
-        target["masks"] = target["masks"].flip(-1)
-    if "keypoints" in target:
-        points = target["keypoints"].clone()
-        points[..., 0] = width - points[..., 0]
-        if flip_perm is not None:
-            points = points[:, list(flip_perm)]
-        target["keypoints"] = points
-    return image.flip(-1), target
 
 
 def resize_segmentation(image: Tensor, mask: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:
@@ -95,13 +56,29 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
 
 
 class AugmentedDetection(Dataset):
-    """Detection dataset view keyed by ``(index, aug_seed)``: random horizontal flip with probability ``flip``."""
+    """Detection dataset view keyed by ``(index, aug_seed)``: random horizontal flip with probability ``flip``, or,
+    with ``augment``, that policy (its keypoint flip order taken from the dataset's ``keypoint_names``); a plain
+    index is not augmented.
 
-    def __init__(self, dataset: Any, *, flip: float = 0.5) -> None:
+    Example:
+        >>> from pvt_backbone.training.data import SyntheticConfig, SyntheticShapes
+        >>> scenes = SyntheticShapes("train", num_images=2, config=SyntheticConfig(image_size=64))
+        >>> view = AugmentedDetection(scenes, augment=DetectionAugment("multiscale", sizes=(48, 80), max_size=80))
+        >>> image, target = view[(0, 7)]
+        >>> image.shape[-1] in (48, 80), target["masks"].shape[-2:] == image.shape[-2:]
+        (True, True)
+    """
+
+    def __init__(self, dataset: Any, *, flip: float = 0.5, augment: DetectionAugment | None = None) -> None:
         self.dataset = dataset
         self.flip = check_float("flip", flip, minimum=0.0, maximum=1.0)
         names = getattr(dataset, "keypoint_names", ())
         self.flip_perm = keypoint_flip_permutation(names) if names else None
+        if augment is not None and augment.mode == "flip" and augment.photometric is False:
+            augment = None  # the flip policy is this view's own flip
+        if augment is not None and self.flip_perm is not None:
+            augment = dataclasses.replace(augment, flip_perm=tuple(self.flip_perm))
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -110,6 +87,8 @@ class AugmentedDetection(Dataset):
         index, aug_seed = _split_key(key)
         image, target = self.dataset[index]
         rng = _rng(aug_seed)
+        if rng is not None and self.augment is not None:
+            return self.augment(image, target, rng)
         if rng is not None and rng.random() < self.flip:
             image, target = hflip_detection(image, target, self.flip_perm)
         return image, target
