@@ -6,13 +6,18 @@ segmenters.
     pvt-evaluate --checkpoint runs/seg --dataset folder --val-images img --val-masks masks --json m.json
 
 --checkpoint takes a run directory (its latest checkpoint), a checkpoint directory or its model.safetensors.
-Under torchrun every process evaluates a shard of the images.
+Under torchrun every process evaluates a shard of the images. The metrics go to stdout as JSON (detectors: also AP
+per class name, "<iou type>_per_class"; classes without ground truth are left out); a per-class table (AP per IoU
+type, or IoU per class id) goes to stderr. A mask folder's class ids are named as in the checkpoint's run.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,7 @@ from ..weights.io import atomic_write
 from .common import add_data_arguments, add_threads_argument, apply_threads, check_data_arguments, data_spec_from_args
 from .runner import UsageError, command_parser, entry_point, flag_names, in_flags
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["build_parser", "per_class_table", "main", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,20 +62,59 @@ def _data_spec(args: argparse.Namespace, spec: ModelSpec) -> DataSpec:
 
 def _validation_set(args: argparse.Namespace, spec: ModelSpec) -> Any:
     data = _data_spec(args, spec)
+    if data.kind == "folder":  # mask ids are counted and named by the model (its run.json), not by a names file
+        data = dataclasses.replace(data, class_names_file=None, num_classes=data.num_classes or spec.num_classes)
     _, dataset = build_datasets(data, spec.task, train=False)
     if dataset is None:  # only a run trained without validation paths gets here: the flags' data has them
         raise ValueError(
             f"{args.checkpoint}: no validation data: its run had none; pass --dataset {data.kind} with --val-images "
             f"and {'--val-annotations' if data.kind == 'coco' else '--val-masks'}"
         )
+    if data.kind == "folder" and dataset.num_classes == spec.num_classes:
+        dataset.classes = spec.class_names
     check_same_classes(spec, dataset.classes if spec.task == "segmentation" else dataset.categories)
     return dataset
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def per_class_table(spec: ModelSpec, metrics: dict[str, Any]) -> str:
+    """The per-class metrics as a text table, one row per class name: a segmenter's IoU per class id, a detector's
+    AP per IoU type (``"-"``: no ground truth of that class, or no pixel of it in target or prediction).
+
+    Example:
+        >>> spec = ModelSpec("detection", "fasterrcnn", "b0", 3, 64, ("circle", "square"))
+        >>> print(per_class_table(spec, {"bbox_mAP": 0.5, "bbox_per_class": {"circle": 1.0, "square": 0.0}}))
+        class   bbox AP
+        circle   1.0000
+        square   0.0000
+    """
+    if spec.task == "segmentation":
+        iou = metrics.get("iou", [])  # one value per class id, or already keyed by class name
+        columns = {"IoU": iou if isinstance(iou, dict) else dict(zip(spec.class_names, iou))}
+    else:
+        columns = {
+            f"{key[: -len('_per_class')]} AP": value for key, value in metrics.items() if key.endswith("_per_class")
+        }
+    rows = [["class", *columns]]
+    rows += [[name, *(_cell(column.get(name)) for column in columns.values())] for name in spec.class_names]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _report(args: argparse.Namespace, spec: ModelSpec, images: int, metrics: dict[str, Any]) -> None:
     result = {"checkpoint": str(args.checkpoint), "task": spec.task, "model": spec.model, "images": images}
     text = json.dumps({**result, "metrics": metrics}, indent=2)
     print(text)
+    print(per_class_table(spec, metrics), file=sys.stderr)  # stdout stays one JSON document
     if args.json:
         atomic_write(Path(args.json), lambda temp: temp.write_text(text + "\n"))
 

@@ -4,9 +4,13 @@ torchvision.utils) and optionally a JSON of the detections.
     pvt-predict --checkpoint runs/demo --input photo.jpg --output-dir preds
     pvt-predict --checkpoint runs/demo --input "data/val/*.jpg" --output-dir preds --json
     pvt-predict --checkpoint runs/seg --input data/val_images --output-dir preds   # also <name>_mask.png
+    pvt-predict --checkpoint runs/demo --input small.png --output-dir preds --scale 4   # picture drawn 4x larger
 
 Each input x.jpg gives <output-dir>/x.png (segmenters also x_mask.png); --json writes <output-dir>/predictions.json,
-which names every input's output files. Inputs whose outputs would share a name (a.jpg and a.png, or a.png and
+which names every input's output files (detections in input pixels; with masks also "mask_area" and "segmentation",
+COCO compressed RLE). x_mask.png is a palette PNG: its pixel values are the class ids, its palette the drawing's
+class colours. --scale draws the picture on an input enlarged that many times (labels fit small images); masks and
+JSON stay at the input's size. Inputs whose outputs would share a name (a.jpg and a.png, or a.png and
 a_mask.png) are named with their suffix instead: a_jpg.png, a_png.png. No output is ever written over an input, nor
 two outputs to one path: an --output-dir that holds any input image is refused (its drawings could replace inputs,
 and a later run over that folder would read them as inputs), and so are inputs that would still share an output
@@ -30,13 +34,22 @@ from torch import Tensor, nn
 
 from ..training.data import DataError, load_image
 from ..training.distributed import DEVICES, setup_distributed
-from ..training.inference import SegmentationMap, draw, find_images, load_trained, predict
+from ..training.inference import (
+    MAX_DRAW_SCALE,
+    SegmentationMap,
+    check_draw_scale,
+    class_colour,
+    draw,
+    find_images,
+    load_trained,
+    predict,
+)
 from ..training.tasks import ModelSpec
 from ..weights.io import atomic_write
 from .common import add_threads_argument, apply_threads
 from .runner import UsageError, command_parser, entry_point
 
-__all__ = ["Outputs", "build_parser", "plan_outputs", "main", "run"]
+__all__ = ["Outputs", "build_parser", "plan_outputs", "mask_palette", "main", "run"]
 
 Outputs = tuple[Path, Path | None]
 """Where one input's picture and (segmenters) class-id mask go."""
@@ -52,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--json", action="store_true", help="also write predictions.json")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help=f"draw pictures on the image enlarged FACTOR times, in (0, {MAX_DRAW_SCALE:g}] (default 1); "
+        "masks and JSON stay in input pixels",
+    )
     parser.add_argument("--device", choices=DEVICES, default="auto")
     add_threads_argument(parser)
     return parser
@@ -112,18 +133,32 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda temp: Image.fromarray(array).save(temp, format="PNG"))
 
 
+def mask_palette() -> list[int]:
+    """The 256-entry RGB palette (768 ints) of a ``_mask.png``: entry ``i`` is :func:`class_colour` ``(i)``."""
+    return [channel for class_id in range(256) for channel in class_colour(class_id)]
+
+
+def _save_mask(classes: Tensor, path: Path) -> None:
+    """An (H, W) class-id map -> a palette ("P") PNG whose pixel values are the ids, written atomically."""
+    if classes.numel() and int(classes.max()) > 255:
+        raise ValueError(f"{path}: class ids up to {int(classes.max())} do not fit an 8-bit PNG mask (at most 255)")
+    picture = Image.fromarray(classes.numpy().astype(np.uint8))
+    picture.putpalette(mask_palette())  # an "L" image becomes "P" with its values kept as palette indices
+    atomic_write(path, lambda temp: picture.save(temp, format="PNG"))
+
+
 def _predict_one(
-    model: nn.Module, spec: ModelSpec, image: Tensor, path: Path, outputs: Outputs, threshold: float
+    model: nn.Module, spec: ModelSpec, image: Tensor, path: Path, outputs: Outputs, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Predict on one (3, H, W) image read from ``path``, write its picture (and mask); returns its JSON record."""
     picture, mask = outputs
-    prediction = predict(model, spec, image, score_threshold=threshold)
-    _save_png(draw(image, prediction).permute(1, 2, 0).numpy(), picture)
+    prediction = predict(model, spec, image, score_threshold=args.score_threshold)
+    _save_png(draw(image, prediction, scale=args.scale).permute(1, 2, 0).numpy(), picture)
     record: dict[str, Any] = {"file": str(path), "picture": str(picture)}
     record.update(width=image.shape[-1], height=image.shape[-2])
     if isinstance(prediction, SegmentationMap):
         if mask is not None:  # planned for every segmenter input
-            _save_png(prediction.classes.numpy().astype(np.uint8), mask)
+            _save_mask(prediction.classes, mask)
             record["mask"] = str(mask)
         record["class_pixels"] = prediction.to_json()
     else:
@@ -151,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_threads(args.threads)
     if not 0.0 <= args.score_threshold <= 1.0:
         raise UsageError(f"--score-threshold must lie in [0, 1], got {args.score_threshold}")
+    try:
+        check_draw_scale(args.scale)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
     images = find_images(args.input)
     model, spec = load_trained(args.checkpoint, device=setup_distributed(args.device).device)
     output_dir = Path(args.output_dir)
@@ -161,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, outputs in zip(images, plan):
         image = _read(path, parser.prog, skipped)
         if image is not None:
-            records.append(_predict_one(model, spec, image, path, outputs, args.score_threshold))
+            records.append(_predict_one(model, spec, image, path, outputs, args))
     if args.json:
         report = {"checkpoint": str(args.checkpoint), "task": spec.task, "images": records, "skipped": skipped}
         text = json.dumps(report, indent=2)

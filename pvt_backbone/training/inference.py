@@ -1,6 +1,7 @@
 """Use a trained checkpoint: rebuild the model from its ``run.json``, predict on images, draw the predictions.
 
-Drawing uses ``torchvision.utils.draw_bounding_boxes``, ``draw_segmentation_masks`` and ``draw_keypoints``.
+Drawing uses ``torchvision.utils.draw_bounding_boxes``, ``draw_segmentation_masks`` and ``draw_keypoints``; class id
+``i`` is drawn in :func:`class_colour` ``(i)`` (``PALETTE[i]``, then generated colours).
 
 Example:
     A one-step segmentation run on synthetic scenes, then its checkpoint used on a validation scene:
@@ -19,17 +20,23 @@ Example:
     >>> picture = draw(image, prediction)
     >>> picture.shape, picture.dtype
     (torch.Size([3, 64, 64]), torch.uint8)
+    >>> draw(image, prediction, scale=2.5).shape  # drawn on a larger copy, for labels that fit
+    torch.Size([3, 160, 160])
 """
 
 from __future__ import annotations
 
+import colorsys
 import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from ..checks import check_float
@@ -39,7 +46,20 @@ from .data.folder import IMAGE_SUFFIXES
 from .evaluation import segmentation_logits
 from .tasks import ModelSpec, build_model
 
-__all__ = ["Detections", "SegmentationMap", "load_trained", "predict", "draw", "find_images", "PALETTE"]
+__all__ = [
+    "Detections",
+    "SegmentationMap",
+    "load_trained",
+    "predict",
+    "draw",
+    "scale_prediction",
+    "check_draw_scale",
+    "find_images",
+    "PALETTE",
+    "MAX_DRAW_SCALE",
+    "class_colour",
+    "mask_rle",
+]
 
 # Distinct, saturated colours (Tableau 10 and a few more), one per class id.
 PALETTE = (
@@ -60,12 +80,49 @@ PALETTE = (
     "#7b4173",
     "#3182bd",
 )
+# Largest factor :func:`draw` enlarges a picture by (a 4000 px photo at 8x is already 32000 px wide).
+MAX_DRAW_SCALE = 8.0
+
+
+def class_colour(class_id: int) -> tuple[int, int, int]:
+    """The RGB colour of a class id: ``PALETTE[class_id]``, and for ids past the palette a generated colour (hues
+    spaced by the golden ratio of a turn, alternating brightness), unlike its neighbours'.
+
+    Example:
+        >>> class_colour(1), class_colour(16), class_colour(17)
+        ((255, 127, 14), (129, 29, 191), (35, 235, 101))
+        >>> len({class_colour(i) for i in range(256)})  # one colour per id a uint8 mask can hold
+        256
+    """
+    if class_id < len(PALETTE):
+        code = PALETTE[class_id].lstrip("#")
+        return int(code[0:2], 16), int(code[2:4], 16), int(code[4:6], 16)
+    extra = class_id - len(PALETTE)
+    red, green, blue = colorsys.hsv_to_rgb((extra * 0.618034 + 0.77) % 1.0, 0.85, 0.92 if extra % 2 else 0.75)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def mask_rle(mask: Tensor) -> dict[str, Any]:
+    """An (H, W) bool mask as COCO compressed RLE: ``{"size": [H, W], "counts": str}`` (``pycocotools.mask.decode``
+    reads it back).
+
+    Example:
+        >>> rle = mask_rle(torch.tensor([[True, False], [True, True]]))
+        >>> rle["size"], mask_utils.decode({**rle, "counts": rle["counts"].encode()}).tolist()
+        ([2, 2], [[1, 0], [1, 1]])
+    """
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 @dataclass(frozen=True)
 class Detections:
     """Detections of one image (N kept, in input pixels): ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``labels`` (N,) in
-    1..K, ``names`` their class names, ``masks`` (N, H, W) bool or None, ``keypoints`` (N, K, 3) or None."""
+    1..K, ``names`` their class names, ``masks`` (N, H, W) bool or None, ``keypoints`` (N, K, 3) or None.
+
+    :meth:`to_json` gives one dict per detection: ``box_xyxy``, ``score``, ``label``, ``name`` (and ``category_id``
+    when given), plus ``mask_area`` and ``segmentation`` (:func:`mask_rle`) with masks, ``keypoints`` with keypoints.
+    """
 
     boxes: Tensor
     scores: Tensor
@@ -88,6 +145,7 @@ class Detections:
                 item["category_id"] = category_ids[int(self.labels[i]) - 1]
             if self.masks is not None:
                 item["mask_area"] = int(self.masks[i].sum())
+                item["segmentation"] = mask_rle(self.masks[i])
             if self.keypoints is not None:
                 item["keypoints"] = [[round(float(v), 2) for v in point] for point in self.keypoints[i]]
             out.append(item)
@@ -158,27 +216,80 @@ def predict(model: nn.Module, spec: ModelSpec, image: Tensor, *, score_threshold
     return Detections(output["boxes"][keep], output["scores"][keep], labels, names, masks, keypoints)
 
 
-def _colour(label: int) -> str:
-    return PALETTE[label % len(PALETTE)]
+def check_draw_scale(scale: object) -> float:
+    """``float(scale)`` if it is a finite number in (0, ``MAX_DRAW_SCALE``]; ``TypeError``/``ValueError`` otherwise.
+
+    Example:
+        >>> check_draw_scale(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: scale must be a finite number in (0, 8], got 0
+    """
+    value = check_float("scale", scale)
+    if not 0 < value <= MAX_DRAW_SCALE:
+        raise ValueError(f"scale must be a finite number in (0, {MAX_DRAW_SCALE:g}], got {scale!r}")
+    return value
 
 
-def draw(image: Tensor, prediction: Any, *, line_width: int | None = None) -> Tensor:
-    """Draw a prediction on a (3, H, W) image in [0, 1]; returns (3, H, W) uint8.
+def scale_prediction(prediction: Any, scale: float) -> Any:
+    """A prediction on an image enlarged ``scale`` times: boxes and keypoint coordinates multiplied, masks and
+    class maps resized nearest-neighbour to the enlarged (H', W') = (round(H * scale), round(W * scale)).
+
+    Example:
+        >>> segmentation = SegmentationMap(torch.tensor([[0, 1], [2, 3]]), ("a", "b", "c", "d"))
+        >>> scale_prediction(segmentation, 2.0).classes.shape
+        torch.Size([4, 4])
+    """
+    check_draw_scale(scale)
+    if isinstance(prediction, SegmentationMap):
+        return SegmentationMap(_resize_nearest(prediction.classes, scale), prediction.names)
+    masks = _resize_nearest(prediction.masks, scale) if prediction.masks is not None else None
+    keypoints = prediction.keypoints
+    if keypoints is not None:
+        keypoints = torch.cat([keypoints[..., :2] * scale, keypoints[..., 2:]], dim=-1)
+    return replace(prediction, boxes=prediction.boxes * scale, masks=masks, keypoints=keypoints)
+
+
+def _resize_nearest(maps: Tensor, scale: float) -> Tensor:
+    """(..., H, W) integer or bool maps -> (..., round(H * scale), round(W * scale)), nearest neighbour."""
+    size = [max(1, round(side * scale)) for side in maps.shape[-2:]]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).to(torch.uint8 if maps.dtype == torch.bool else torch.float32)
+    resized = F.interpolate(flat, size=size, mode="nearest-exact") if flat.numel() else flat.new_zeros(0, 1, *size)
+    return resized.to(maps.dtype).reshape(*maps.shape[:-2], *size)
+
+
+def _enlarge(image: Tensor, scale: float) -> Tensor:
+    """A (3, H, W) image in [0, 1] resized bilinearly to (3, round(H * scale), round(W * scale))."""
+    size = [max(1, round(side * scale)) for side in image.shape[-2:]]
+    return F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def draw(image: Tensor, prediction: Any, *, line_width: int | None = None, scale: float = 1.0) -> Tensor:
+    """Draw a prediction on a (3, H, W) image in [0, 1]; returns (3, H', W') uint8, (H', W') = (H, W) * ``scale``.
 
     Detections: masks (alpha 0.45), boxes with ``"name score"`` labels, keypoints. Segmentation: every class but
-    0 (background) painted over the image.
+    0 (background) painted over the image. ``scale`` in (0, ``MAX_DRAW_SCALE``] draws on an enlarged copy (the
+    prediction scaled with it, :func:`scale_prediction`), so that the fixed-size label text fits small images.
     """
+    check_draw_scale(scale)
+    if scale != 1.0:
+        image, prediction = _enlarge(image, scale), scale_prediction(prediction, scale)
     canvas = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     width = line_width or max(1, round(min(canvas.shape[-2:]) / 160))
     if isinstance(prediction, SegmentationMap):
         ids = [int(i) for i in prediction.classes.unique() if int(i) != 0]
         if ids:
             masks = torch.stack([prediction.classes == i for i in ids])
-            canvas = draw_segmentation_masks(canvas, masks, alpha=0.5, colors=[_colour(i) for i in ids])
+            canvas = draw_segmentation_masks(canvas, masks, alpha=0.5, colors=[class_colour(i) for i in ids])
         return canvas
     if len(prediction.scores) == 0:
         return canvas
-    colours = [_colour(int(label)) for label in prediction.labels]
+    return _draw_detections(canvas, prediction, width)
+
+
+def _draw_detections(canvas: Tensor, prediction: Detections, width: int) -> Tensor:
+    """Masks, labelled boxes and keypoints of ``prediction`` on a (3, H, W) uint8 canvas."""
+    colours = [class_colour(int(label)) for label in prediction.labels]
     if prediction.masks is not None:
         canvas = draw_segmentation_masks(canvas, prediction.masks, alpha=0.45, colors=colours)
     text = [f"{name} {float(score):.2f}" for name, score in zip(prediction.names, prediction.scores)]

@@ -23,9 +23,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from ..checks import check_float
 from ..weights.io import atomic_write
 
-__all__ = ["LOG_FILE", "LOSS_PNG", "RunLog", "read_log", "plot_loss_curve"]
+__all__ = ["LOG_FILE", "LOSS_PNG", "RunLog", "read_log", "smoothed", "loss_figure", "plot_loss_curve"]
 
 LOG_FILE = "log.jsonl"
 LOSS_PNG = "loss.png"
@@ -64,25 +65,47 @@ class RunLog:
             stream.write(json.dumps(record) + "\n")
 
 
-def _smoothed(values: list[float]) -> list[float]:
-    """Exponential moving average (weight 0.1 on each new value), starting at the first value."""
-    smooth, acc = [], values[0]
+def smoothed(values: Sequence[float], *, decay: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (Adam's correction): the average of the first ``t`` values,
+    weighted ``decay ** age``, so the curve starts at the first value and a constant series stays constant.
+
+    Example:
+        >>> [round(v, 4) for v in smoothed([2.0, 1.0, 1.0])]
+        [2.0, 1.4737, 1.2989]
+        >>> smoothed([3.0, 3.0, 3.0])
+        [3.0, 3.0, 3.0]
+    """
+    check_float("decay", decay, minimum=0.0, maximum=1.0)
+    if decay == 1.0:  # the average would never move from its start
+        raise ValueError("decay must be a finite number in [0, 1), got 1.0")
+    smooth: list[float] = []
+    average, weight = 0.0, 0.0
     for value in values:
-        acc = 0.9 * acc + 0.1 * value
-        smooth.append(acc)
+        weight = decay * weight + (1 - decay)  # 1 - decay**t, the bias correction: the weight values have filled
+        # Written as a step towards each value, the average of a constant series is that constant, to the bit.
+        average += (1 - decay) / weight * (value - average)
+        smooth.append(average)
     return smooth
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metrics: Sequence[str] = ()) -> None:
-    """Training loss per step (raw and smoothed) and, on a second axis, each of ``metrics`` at every evaluation
-    that logged it; written as a PNG, atomically."""
+def loss_figure(records: Sequence[dict[str, Any]], *, metrics: Sequence[str] = ()) -> Figure:
+    """The figure :func:`plot_loss_curve` writes: training loss per step (raw and :func:`smoothed`) and, on a second
+    axis, each of ``metrics`` at every evaluation that logged it; the legend sits below the axes, off the data.
+
+    Example:
+        >>> figure = loss_figure([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
+        >>> [text.get_text() for text in figure.legends[0].get_texts()]
+        ['loss', 'loss (smoothed)']
+    """
     train = [r for r in records if "loss" in r]
-    fig = Figure(figsize=(7, 4), dpi=110)  # no pyplot: the user's backend and global figure list stay untouched
+    # No pyplot: the user's backend and global figure list stay untouched. Constrained layout keeps room for the
+    # legend outside the axes.
+    fig = Figure(figsize=(7, 4.5), dpi=110, layout="constrained")
     ax = fig.subplots()
     if train:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
-        ax.plot(steps, _smoothed(losses), color="tab:blue", linewidth=2, label="loss (smoothed)")
+        ax.plot(steps, smoothed(losses), color="tab:blue", linewidth=2, label="loss (smoothed)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
@@ -99,6 +122,11 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metrics:
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     if handles:
-        ax.legend(handles, labels, loc="center right")
-    fig.tight_layout()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
+    return fig
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, *, metrics: Sequence[str] = ()) -> None:
+    """Write :func:`loss_figure` of ``records`` as a PNG at ``path``, atomically."""
+    fig = loss_figure(records, metrics=metrics)
     atomic_write(path, lambda temp: fig.savefig(temp, format="png"))
