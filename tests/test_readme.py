@@ -1,10 +1,10 @@
 """Every ```python block of README.md runs as written, alone, in a temp directory holding the files it names.
 
 The files are made on the fly from random weights in the layouts the README names: the authors' classifier release
-(``pvt_v2_b2.pth``), a timm classifier file (``model.safetensors``), an mmdet detector checkpoint
-(``mask_rcnn_pvt_v2_b2.pth``), two published entries in a local torch hub cache (nothing downloads) and a trained
-Mask R-CNN's ``model.safetensors`` under ``runs/coco``. A few sizes are shrunk (``SHRINK``: each substitution must
-still match the README, so it cannot go stale silently).
+(``pvt_v2_b2.pth``), a timm classifier file (``model.safetensors``), mmdet detector checkpoints
+(``mask_rcnn_pvt_v2_b2.pth`` and whole published-layout RetinaNet / Mask R-CNN files), two published entries in a
+local torch hub cache (nothing downloads) and a trained Mask R-CNN's ``model.safetensors`` under ``runs/coco``. A few
+sizes are shrunk (``SHRINK``: each substitution must still match the README, so it cannot go stale silently).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from pvt_backbone import pvt_v2_b2
-from pvt_backbone.detection import maskrcnn_pvt_v2_fpn
+from pvt_backbone.detection import maskrcnn_pvt_v2_fpn, pvt_fpn_backbone
+from pvt_backbone.mmdet_compat import mmdet_rcnn, mmdet_retinanet
 from pvt_backbone.weights import from_native, get_weights
+from pvt_backbone.weights.detectors import to_mmdet_state_dict
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -59,6 +61,21 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
 
 
+def _save_mmdet_detectors(root: Path) -> None:
+    """B2 RetinaNet and Mask R-CNN checkpoints for COCO in mmdet's layout, as mmdet writes them (random weights)."""
+    for arch, name in (
+        ("retinanet", "retinanet_pvtv2-b2_fpn_1x_coco.pth"),
+        ("maskrcnn", "mask_rcnn_pvt_v2_b2_fpn_1x_coco.pth"),
+    ):
+        if arch == "retinanet":
+            body = pvt_fpn_backbone("b2", out_indices=(1, 2, 3), extra_levels="p6p7", p6p7_source="c5")
+            model = mmdet_retinanet(body, 80)
+        else:
+            model = mmdet_rcnn(pvt_fpn_backbone("b2"), 80)
+        state = to_mmdet_state_dict(model.state_dict(), arch)
+        torch.save({"meta": {"epoch": 12}, "state_dict": state}, root / name)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The files the README loads, from random weights."""
@@ -77,6 +94,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         cached = get_weights(name).cache_path
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root / ("pvt_v2_b2.pth" if name.endswith("in1k") else "model.safetensors"), cached)
+    _save_mmdet_detectors(root)
     detector = maskrcnn_pvt_v2_fpn("b2", num_classes=81).state_dict()
     _save(detector, root / "runs/coco/checkpoints/step_00000100/model.safetensors")
     yield root
