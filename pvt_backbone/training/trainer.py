@@ -1,5 +1,6 @@
-"""The training loop: AdamW with warm-up and cosine or poly decay, gradient clipping, AMP, periodic evaluation,
-JSON-lines logs, a loss-curve PNG, atomic checkpoints, exact resume, and DistributedDataParallel under torchrun.
+"""The training loop: AdamW with warm-up and cosine, poly or step decay, gradient clipping, AMP, periodic evaluation,
+JSON-lines logs (and TensorBoard scalars when asked), a loss-curve PNG, atomic checkpoints, exact resume, and
+DistributedDataParallel under torchrun.
 
 One call does a whole run::
 
@@ -48,13 +49,9 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .data.transforms import (
-    AugmentedDetection,
-    AugmentedSegmentation,
-    ResumableSampler,
-    collate_detection,
-    collate_segmentation,
-)
+from .data.grouping import GroupedBatchSampler, aspect_ratio_groups, dataset_image_sizes
+from .data.protocol import training_view
+from .data.transforms import ResumableSampler
 from .distributed import (
     DEFAULT_TIMEOUT,
     DEVICES,
@@ -66,7 +63,7 @@ from .distributed import (
 )
 from .logs import LOG_FILE, LOSS_PNG, RunLog, plot_loss_curve, read_log
 from .rng import gather_rng_states, seed_everything, set_rng_state
-from .schedule import SCHEDULES, LRSchedule
+from .schedule import DEFAULT_GAMMA, MILESTONE_UNITS, SCHEDULES, WARMUP_START, LRSchedule, milestone_steps
 from .tasks import (
     HEAD_NORMS,
     DataSpec,
@@ -86,6 +83,7 @@ __all__ = [
     "SettingsError",
     "TrainingInterrupted",
     "DEFAULT_SAVE_EVERY",
+    "BOARD_DIR",
     "train",
     "plot_loss_curve",
     "read_log",
@@ -108,6 +106,7 @@ _INT_MINIMUMS: dict[str, int | None] = {
 }
 _OPTIONAL_INTS = ("epochs", "max_steps", "warmup_steps")
 DEFAULT_SAVE_EVERY = 500  # steps between checkpoints unless told: an interruption then loses at most this many
+BOARD_DIR = "tensorboard"  # TensorBoard event files, under output_dir
 
 # What a resume keeps (TrainConfig's docstring): fields compared with the run being resumed, one by one ...
 _RESUME_COMPARED = (
@@ -131,7 +130,17 @@ _RESUME_COMPARED = (
     "device",
 )
 # ... fields compared through the LR schedule they resolve to ...
-_RESUME_SCHEDULED = ("epochs", "max_steps", "warmup_steps", "schedule", "min_lr_ratio")
+_RESUME_SCHEDULED = (
+    "epochs",
+    "max_steps",
+    "warmup_steps",
+    "warmup_ratio",
+    "schedule",
+    "min_lr_ratio",
+    "milestones",
+    "milestone_unit",
+    "gamma",
+)
 # ... and fields free to change: where the run writes, how often it reports, evaluates and saves, how it loads data.
 _RESUME_MAY_DIFFER = (
     "output_dir",
@@ -145,6 +154,8 @@ _RESUME_MAY_DIFFER = (
     "keep_checkpoints",
     "progress",
     "dist_timeout",
+    "tensorboard",
+    "recipe",
 )
 # What a state.pt must hold to be resumed (its "schedule" is checked with the settings).
 _STATE_KEYS = ("step", "optimizer", "scheduler", "scaler", "rng", "world_size")
@@ -184,8 +195,14 @@ class TrainConfig:
     ``DEFAULT_SAVE_EVERY`` steps and the last). ``resume``: ``True`` continues the latest checkpoint of
     ``output_dir``; a path continues that run or checkpoint. ``init_from`` starts a new run (step 0, fresh optimizer)
     from a whole trained model: a run directory (its latest checkpoint), a checkpoint directory or a
-    ``model.safetensors``; the model these settings build must fit it key for key. The LR warms up linearly, then decays
-    (``schedule``: ``"cosine"`` or ``"poly"``) to ``min_lr_ratio`` times each group's LR (``LRSchedule``).
+    ``model.safetensors``; the model these settings build must fit it key for key. The LR warms up linearly over
+    ``warmup_steps`` from ``warmup_ratio`` times each group's LR, then decays (``LRSchedule``): ``"cosine"`` or
+    ``"poly"`` to ``min_lr_ratio`` times it (None: 0.01), or ``"step"``: times ``gamma`` at each of ``milestones``
+    (torch's ``MultiStepLR``), counted in ``milestone_unit`` (``"epochs"``: epoch ``e`` is step ``e`` times the
+    run's steps per epoch, so the LR drops from the first step after ``e`` epochs; ``"steps"``: optimizer steps).
+    ``tensorboard=True`` also writes the scalars of ``log.jsonl`` (loss parts, lr, numeric eval metrics) to
+    ``output_dir/tensorboard`` (rank 0; needs the ``tensorboard`` package). ``recipe`` is a record of the named
+    recipe the settings came from (``pvt_backbone.training.recipes``), kept in ``run.json``; it changes nothing.
     ``dist_timeout``: seconds a collective waits for the other processes under torchrun before failing (a hung rank
     then stops the run instead of keeping the others waiting). ``sync_bn=True`` needs CUDA.
 
@@ -198,11 +215,12 @@ class TrainConfig:
     ``init_from``, ``trainable_stages``, ``head_norm``, ``model_options``), every field of ``data`` (``image_size``
     as resolved), the optimizer (``batch_size``, ``lr``, ``weight_decay``, ``backbone_lr_mult``, ``clip_grad``),
     ``amp``, ``sync_bn``, ``seed``, the device type ``device`` resolves to, the process count, and the LR schedule
-    that ``epochs`` or ``max_steps``, ``warmup_steps``, ``schedule`` and ``min_lr_ratio`` resolve to (the length may be
-    spelled either way if the steps agree; a longer run is a new run from the weights). Free to differ, and recorded
-    as given: ``output_dir``, ``resume``, ``workers`` (augmentation does not depend on it), ``eval``,
-    ``eval_at_start``, ``eval_every``, ``save_every``, ``log_every``, ``keep_checkpoints``, ``progress`` and
-    ``dist_timeout``.
+    that ``epochs`` or ``max_steps``, ``warmup_steps``, ``warmup_ratio``, ``schedule``, ``min_lr_ratio``,
+    ``milestones``, ``milestone_unit`` and ``gamma`` resolve to (the length may be spelled either way if the steps
+    agree; a longer run is a new run from the weights). Free to differ, and recorded as given: ``output_dir``,
+    ``resume``, ``workers`` (augmentation does not depend on it), ``eval``, ``eval_at_start``, ``eval_every``,
+    ``save_every``, ``log_every``, ``keep_checkpoints``, ``progress``, ``dist_timeout``, ``tensorboard`` and
+    ``recipe``.
 
     Example:
         >>> TrainConfig(output_dir="runs/x", max_steps=100, lr=float("inf")).check()
@@ -228,8 +246,12 @@ class TrainConfig:
     weight_decay: float = 0.05
     backbone_lr_mult: float = 1.0
     warmup_steps: int | None = None
+    warmup_ratio: float = WARMUP_START
     schedule: str = "cosine"
-    min_lr_ratio: float = 0.01
+    min_lr_ratio: float | None = None
+    milestones: tuple[int, ...] = ()
+    milestone_unit: str = "epochs"
+    gamma: float = DEFAULT_GAMMA
     clip_grad: float = 1.0
     amp: bool = False
     sync_bn: bool = False
@@ -245,6 +267,8 @@ class TrainConfig:
     resume: bool | str = False
     progress: bool = True
     dist_timeout: float = DEFAULT_TIMEOUT
+    tensorboard: bool = False
+    recipe: dict[str, Any] | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` (``TypeError`` for a value of the wrong type) naming the first bad setting."""
@@ -262,9 +286,9 @@ class TrainConfig:
         check_float("backbone_lr_mult", self.backbone_lr_mult, minimum=0.0, inclusive=False)
         check_float("weight_decay", self.weight_decay, minimum=0.0)
         check_float("clip_grad", self.clip_grad, minimum=0.0)
-        check_float("min_lr_ratio", self.min_lr_ratio, minimum=0.0, maximum=1.0)
         check_float("dist_timeout", self.dist_timeout, minimum=0.0, inclusive=False)
         check_choice("schedule", self.schedule, SCHEDULES)
+        self._check_schedule()
         check_choice("head_norm", self.head_norm, HEAD_NORMS)
         check_choice("device", self.device, DEVICES)
         if self.init_from is not None and self.weights_backbone is not None:
@@ -273,6 +297,33 @@ class TrainConfig:
             )
         if self.sync_bn and self.head_norm not in ("default", "bn"):
             raise ValueError(f"sync_bn synchronises BatchNorm; it cannot be combined with head_norm={self.head_norm!r}")
+
+    def _check_schedule(self) -> None:
+        """The warm-up and decay settings: each belongs to the schedules that use it."""
+        check_float("warmup_ratio", self.warmup_ratio, minimum=0.0, maximum=1.0, inclusive=False)
+        if self.warmup_ratio == 1.0:
+            raise ValueError("warmup_ratio must be < 1 (1 is no warm-up: set warmup_steps=0), got 1.0")
+        check_choice("milestone_unit", self.milestone_unit, MILESTONE_UNITS)
+        if self.schedule != "step":
+            if self.min_lr_ratio is not None:
+                check_float("min_lr_ratio", self.min_lr_ratio, minimum=0.0, maximum=1.0)
+            if len(self.milestones) or self.gamma != DEFAULT_GAMMA:
+                raise ValueError(
+                    f"milestones and gamma belong to schedule='step', got schedule={self.schedule!r} with "
+                    f"milestones={list(self.milestones)}, gamma={self.gamma}"
+                )
+            return
+        if not len(self.milestones):
+            raise ValueError("schedule must be 'cosine', 'poly', or 'step' with milestones; got 'step' and none")
+        if self.min_lr_ratio not in (None, 0):
+            raise ValueError(
+                f"min_lr_ratio belongs to schedule='cosine' and 'poly'; a step schedule decays by gamma at its "
+                f"milestones, got min_lr_ratio={self.min_lr_ratio}"
+            )
+        milestone_steps(self.milestones, unit=self.milestone_unit, steps_per_epoch=1)  # positive ints
+        LRSchedule(
+            total=max(self.milestones), warmup=0, kind="step", milestones=tuple(self.milestones), gamma=self.gamma
+        )
 
 
 @dataclass
@@ -311,6 +362,7 @@ class _Run:
     trainable: list[nn.Parameter] = field(init=False)
     log: RunLog | None = None
     progress: Any = None  # rank 0's tqdm bar, when config.progress
+    board: Any = None  # rank 0's TensorBoard SummaryWriter, when config.tensorboard
     evals: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -376,6 +428,8 @@ def _run(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> TrainR
     finally:
         if run.progress is not None:
             run.progress.close()
+        if run.board is not None:
+            run.board.close()
     _plot(run)
     barrier()
     return TrainResult(run.model, run.spec, run.step, run.evals, run.checkpoint, time.perf_counter() - started)
@@ -465,10 +519,7 @@ def _set_up(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> _Ru
     )
     probe = ResumableSampler(len(train_set), rank=info.rank, world_size=info.world_size, seed=config.seed)
     per_epoch = steps_per_epoch(probe.samples_per_epoch, config.batch_size)
-    total = config.max_steps if config.max_steps is not None else config.epochs * per_epoch
-    schedule = LRSchedule.for_run(
-        total=total, warmup_steps=config.warmup_steps, kind=config.schedule, min_ratio=config.min_lr_ratio
-    )
+    schedule = _schedule(config, per_epoch)
     if resume_from is not None:
         _check_same_schedule(config, resume_from, state, schedule)
         _check_same_model(config, resume_from, spec)
@@ -494,7 +545,22 @@ def _set_up(config: TrainConfig, info: DistInfo, on_eval: _OnEval | None) -> _Ru
         run.checkpoint = resume_from
     run.wrapped = _wrap_ddp(model, info)
     run.log = _open_outputs(run, resumed=resume_from is not None)
+    run.board = _open_board(run, resumed=resume_from is not None)
     return run
+
+
+def _schedule(config: TrainConfig, per_epoch: int) -> LRSchedule:
+    """The run's LR schedule in steps: its length, and milestones in epochs, at ``per_epoch`` steps an epoch."""
+    total = config.max_steps if config.max_steps is not None else config.epochs * per_epoch
+    return LRSchedule.for_run(
+        total=total,
+        warmup_steps=config.warmup_steps,
+        kind=config.schedule,
+        min_ratio=config.min_lr_ratio,
+        warmup_start=config.warmup_ratio,
+        milestones=milestone_steps(config.milestones, unit=config.milestone_unit, steps_per_epoch=per_epoch),
+        gamma=config.gamma,
+    )
 
 
 def _find_resume(config: TrainConfig) -> RunCheckpoint | None:
@@ -603,9 +669,14 @@ def _check_same_schedule(config: TrainConfig, checkpoint: RunCheckpoint, state: 
     saved = LRSchedule.from_dict(state["schedule"])
     # Each part of the schedule is named by the setting behind it; the length in steps, however it was spelled.
     words = {"total": "max_steps" if config.max_steps is not None else "epochs", "warmup": "warmup_steps"}
-    words.update(kind="schedule", min_ratio="min_lr_ratio")
+    words.update(kind="schedule", min_ratio="min_lr_ratio", warmup_start="warmup_ratio")
     here, there = requested.to_dict(), saved.to_dict()
-    differences = [(words.get(key, key), repr(here[key]), repr(there[key])) for key in here if here[key] != there[key]]
+    keys = [*here, *(key for key in there if key not in here)]  # milestones and gamma exist for step alone
+    differences = [
+        (words.get(key, key), repr(here.get(key)), repr(there.get(key)))
+        for key in keys
+        if here.get(key) != there.get(key)
+    ]
     longer = requested.total != saved.total
     if longer:  # "total" comes first
         steps = f"{requested.total} steps"
@@ -686,22 +757,27 @@ def _wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def _train_loader(run: _Run) -> DataLoader:
-    """Augmented training batches from where the run stands (``start_step`` batches in)."""
-    if run.task == "segmentation":
-        view, collate = AugmentedSegmentation(run.train_set, size=run.spec.image_size), collate_segmentation
+    """Augmented training batches from where the run stands (``start_step`` batches in); with
+    ``data.group_aspect_ratio`` every batch holds images of one aspect-ratio group."""
+    view, collate = training_view(run.train_set, run.task, run.config.data, run.spec.image_size)
+    shard = {"rank": run.info.rank, "world_size": run.info.world_size, "seed": run.config.seed}
+    batching: dict[str, Any]
+    if run.config.data.group_aspect_ratio:
+        groups = aspect_ratio_groups(dataset_image_sizes(run.train_set))
+        batching = {
+            "batch_sampler": GroupedBatchSampler(
+                groups, batch_size=run.config.batch_size, start=run.start_step, **shard
+            )
+        }
     else:
-        view, collate = AugmentedDetection(run.train_set), collate_detection
-    sampler = ResumableSampler(
-        len(run.train_set),
-        rank=run.info.rank,
-        world_size=run.info.world_size,
-        seed=run.config.seed,
-        start=run.start_step * run.config.batch_size,
-    )
+        start = run.start_step * run.config.batch_size
+        batching = {
+            "batch_size": run.config.batch_size,
+            "sampler": ResumableSampler(len(run.train_set), start=start, **shard),
+        }
     return DataLoader(
         view,
-        batch_size=run.config.batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=run.config.workers,
         collate_fn=collate,
         pin_memory=run.info.device.type == "cuda",
@@ -718,6 +794,29 @@ def _open_outputs(run: _Run, *, resumed: bool) -> RunLog | None:
     text = json.dumps(run.run_info(), indent=2) + "\n"
     atomic_write(run.output_dir / "run.json", lambda temp: temp.write_text(text))
     return RunLog(run.output_dir / LOG_FILE, resume_step=run.start_step if resumed else None)
+
+
+def _open_board(run: _Run, *, resumed: bool) -> Any:
+    """Rank 0's TensorBoard writer in ``output_dir/tensorboard`` (``tensorboard=True``); a resumed run's events after
+    the resumed step are purged, as its log's records are."""
+    if not (run.config.tensorboard and run.info.is_main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # lazily: an optional dependency
+    except ImportError as error:
+        raise ImportError(f"tensorboard=True needs the tensorboard package ({error})") from None
+    return SummaryWriter(str(run.output_dir / BOARD_DIR), purge_step=run.start_step + 1 if resumed else None)
+
+
+def _board_scalars(run: _Run, step: int, prefix: str, values: dict[str, Any]) -> None:
+    """The numeric values of a log record as ``<prefix>/<name>`` scalars at ``step`` (lists such as per-class IoU
+    stay in ``log.jsonl``)."""
+    if run.board is None:
+        return
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+            run.board.add_scalar(f"{prefix}/{name}", value, step)
+    run.board.flush()
 
 
 def _progress_bar(run: _Run) -> Any:
@@ -792,6 +891,7 @@ def _report(run: _Run, stats: _StepStats) -> None:
     if stats.grad_norm is not None:
         record["grad_norm"] = stats.grad_norm
     run.log.write(record)
+    _board_scalars(run, step, "train", record)
 
 
 def _evaluate_and_save(run: _Run) -> None:
@@ -817,6 +917,7 @@ def _evaluate(run: _Run, step: int) -> None:
     run.evals.append({"step": step, **metrics})
     if run.log is not None:
         run.log.write({"step": step, "eval": metrics})
+        _board_scalars(run, step, "eval", metrics)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         _print(run.info, f"step {step}: {summary}")
     if run.on_eval is not None:
