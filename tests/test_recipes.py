@@ -249,3 +249,25 @@ def test_unknown_recipe_is_one_line_listing_the_names(tmp_path: Path, capsys) ->
     assert status == 1 and len(lines) == 1, err
     assert lines[0].endswith(f"unknown recipe 'retina'; the recipes are {', '.join(list_recipes())}")
     assert not (tmp_path / "r").exists()
+
+
+def test_augmentation_and_protocol_flags_reach_the_data_spec(capsys) -> None:
+    base = ["--recipe", "semantic_fpn_ade20k_40k", "--print-config"]
+    _, out, _ = _cli(base, capsys)
+    reference = json.loads(out)["data"]
+    assert reference["seg_protocol"] == "keep_ratio" and reference["eval_mode"] == "whole"
+    flags = ["--eval-mode", "slide", "--test-scales", "0.75", "1.25", "--test-flip", "--group-aspect-ratio"]
+    status, out, err = _cli([*base, *flags], capsys)
+    assert status == 0, err
+    data = json.loads(out)["data"]
+    assert data["eval_mode"] == "slide" and data["test_scales"] == [0.75, 1.25] and data["test_flip"] is True
+    assert data["group_aspect_ratio"] is True and data["reduce_zero_label"] is True  # the recipe's, untouched
+    assert {k for k in data if data[k] != reference[k]} == {
+        "eval_mode",
+        "test_scales",
+        "test_flip",
+        "group_aspect_ratio",
+    }
+    status, out, err = _cli(["--recipe", "retinanet_1x", "--print-config", "--augment", "lsj", "--photometric"], capsys)
+    assert status == 0, err
+    assert json.loads(out)["data"]["augment"] == "lsj" and json.loads(out)["data"]["photometric"] is True

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from ..checks import check_int
+from ..training.data.augment import DETECTION_AUGMENTS
+from ..training.data.protocol import SEG_PROTOCOLS
 from ..training.tasks import DATASETS, MODEL_TASK, TASKS, DataSpec
 from .runner import UsageError, flag_names
 
@@ -74,6 +76,34 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, train: bool = True) -
         group.add_argument("--train-size", type=int, default=1000, help="synthetic: training scenes (default 1000)")
     group.add_argument("--val-size", type=int, default=50, help="synthetic: validation scenes (default 50)")
     group.add_argument("--data-seed", type=int, default=0, help="synthetic: scene seed (default 0)")
+    _add_protocol_arguments(parser, train=train)
+
+
+def _add_protocol_arguments(parser: argparse.ArgumentParser, *, train: bool) -> None:
+    """The augmentation and evaluation-protocol flags (the ``DataSpec`` fields of the same names)."""
+    group = parser.add_argument_group("augmentation and protocol")
+    if train:
+        group.add_argument(
+            "--augment", choices=DETECTION_AUGMENTS, default="flip", help="detection training augmentation (flip)"
+        )
+        group.add_argument("--photometric", action="store_true", help="detection: add photometric distortion")
+        group.add_argument(
+            "--group-aspect-ratio", action="store_true", help="batch portrait and landscape images apart"
+        )
+    group.add_argument(
+        "--seg-protocol",
+        choices=SEG_PROTOCOLS,
+        default="square",
+        help="segmentation: square resize, or mmseg's keep_ratio (rescale, crop, slide) (square)",
+    )
+    group.add_argument("--eval-mode", choices=("whole", "slide"), default="whole", help="keep_ratio evaluation")
+    group.add_argument(
+        "--test-scales", type=float, nargs="+", default=[1.0], metavar="R", help="keep_ratio: test ratios (1.0)"
+    )
+    group.add_argument("--test-flip", action="store_true", help="keep_ratio: also evaluate mirrored images")
+    group.add_argument(
+        "--reduce-zero-label", action="store_true", help="folder: mask id 0 -> ignored, others - 1 (ADE20K)"
+    )
 
 
 def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
@@ -92,6 +122,14 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
         val_size=args.val_size if args.val_size is not None else 50,
         image_size=args.image_size,
         seed=args.data_seed,
+        augment=getattr(args, "augment", "flip"),
+        photometric=getattr(args, "photometric", False),
+        group_aspect_ratio=getattr(args, "group_aspect_ratio", False),
+        seg_protocol=args.seg_protocol,
+        eval_mode=args.eval_mode,
+        test_scales=tuple(args.test_scales),
+        test_flip=args.test_flip,
+        reduce_zero_label=args.reduce_zero_label,
     )
 
 
