@@ -17,7 +17,10 @@ name                                 kind        builds
 
 ``weights`` is what torchvision means by it, the whole model: for a backbone or classifier, a checkpoint in any
 layout ``load_weights`` reads; for a detector or segmenter, a state dict of the whole model (a ``.safetensors`` file
-as ``pvt-train`` writes, or a ``.pth``), loaded strictly. Backbone-only weights for a detector or segmenter go in
+as ``pvt-train`` writes, or a ``.pth``), loaded strictly. A published detector (an mmdet RetinaNet, Faster or Mask
+R-CNN checkpoint, a ``save_detector`` file, or a published weights name of that builder;
+``pvt_backbone.weights.detectors.is_detector_file`` tells them apart) goes to the builder's own ``weights=``, which
+builds the detector that computes mmdet's function. Backbone-only weights for a detector or segmenter go in
 ``weights_backbone=``.
 
 Example:
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,6 +49,7 @@ from .classifier import build_classifier
 from .config import VARIANTS
 from .segmentation import semantic_fpn_pvt_v2
 from .weights import WeightsSource, load_model_weights
+from .weights.detectors import DETECTOR_ARCHS, is_detector_file
 
 __all__ = ["ModelEntry", "MODELS", "KINDS", "list_models", "create_model"]
 
@@ -64,12 +69,23 @@ class ModelEntry:
 
     def create(self, *, weights: WeightsSource | None = None, **kwargs: Any) -> nn.Module:
         """Build the model; load ``weights`` (the whole model's) if given."""
-        if self.weights_in_builder:
+        if self.weights_in_builder or (weights is not None and self._published_detector(weights, kwargs)):
             return self.build(self.variant, weights=weights, **kwargs)
         model = self.build(self.variant, **kwargs)
         if weights is not None:
             load_model_weights(model, weights)
         return model
+
+    def _published_detector(self, weights: WeightsSource, kwargs: dict[str, Any]) -> bool:
+        """Whether ``weights`` are for the builder's own ``weights=``: an mmdet-layout detector file or dict, or a
+        published weights name of this entry."""
+        if self.build.__name__ not in DETECTOR_ARCHS.values():
+            return False
+        if isinstance(weights, str) and not os.path.exists(weights):
+            from .weights.hub import list_weights  # the published-weights table; read only for a name
+
+            return weights in list_weights(self.name)
+        return is_detector_file(weights, trust_pickle=bool(kwargs.get("trust_pickle", False)))
 
 
 def _backbone(variant: str, **kwargs: Any) -> PVTv2Backbone:

@@ -91,3 +91,30 @@ def test_whole_detector_weights_round_trip_and_refusal(tmp_path) -> None:
     backbone_only = create_model("pvt_v2_b0").state_dict()
     with pytest.raises(CheckpointError, match="weights_backbone"):
         create_model("retinanet_pvt_v2_b0_fpn", num_classes=4, weights=backbone_only)
+
+
+def test_published_detector_files_go_to_the_builders_weights(tmp_path) -> None:
+    from pvt_backbone.detection import pvt_fpn_backbone
+    from pvt_backbone.mmdet_compat import mmdet_retinanet
+    from pvt_backbone.weights.detectors import is_detector_file, save_detector, to_mmdet_state_dict
+
+    backbone = pvt_fpn_backbone("b0", out_indices=(1, 2, 3), extra_levels="p6p7", p6p7_source="c5", fpn_channels=16)
+    published = mmdet_retinanet(backbone, 3)  # mmdet's RetinaNet: what a published file holds
+    mmdet_file = tmp_path / "retinanet_mmdet.pth"
+    torch.save({"meta": {}, "state_dict": to_mmdet_state_dict(published.state_dict(), "retinanet")}, mmdet_file)
+    assert is_detector_file(mmdet_file)
+    model = create_model("retinanet_pvt_v2_b0_fpn", weights=mmdet_file)  # no num_classes: the file has it
+    assert model.load_report.arch == "retinanet" and model.class_names == ("class_0", "class_1", "class_2")
+    assert all(torch.equal(v, published.state_dict()[k]) for k, v in model.state_dict().items())
+    ours = save_detector(model, tmp_path / "retinanet.safetensors")
+    assert is_detector_file(ours)
+    again = create_model("retinanet_pvt_v2_b0_fpn", weights=ours)
+    assert all(torch.equal(v, published.state_dict()[k]) for k, v in again.state_dict().items())
+    with pytest.raises(ValueError, match="variant 'b1' does not match"):  # the builder's check, not a strict load
+        create_model("retinanet_pvt_v2_b1_fpn", weights=ours)
+    # Training output (torchvision keys) is no detector file: it keeps going through load_model_weights.
+    trained = tmp_path / "model.safetensors"
+    untrained = create_model("retinanet_pvt_v2_b0_fpn", num_classes=4)
+    save_file({k: v.contiguous() for k, v in untrained.state_dict().items()}, str(trained))
+    assert not is_detector_file(trained)
+    assert not hasattr(create_model("retinanet_pvt_v2_b0_fpn", num_classes=4, weights=trained), "load_report")

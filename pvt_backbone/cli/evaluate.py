@@ -5,7 +5,10 @@ segmenters.
     pvt-evaluate --checkpoint runs/x --dataset coco --val-images data/val --val-annotations val.json
     pvt-evaluate --checkpoint runs/seg --dataset folder --val-images img --val-masks masks --json m.json
 
---checkpoint takes a run directory (its latest checkpoint), a checkpoint directory or its model.safetensors.
+--checkpoint takes a run directory (its latest checkpoint), a checkpoint directory or its model.safetensors, or a
+published detector file (an mmdet checkpoint, --trust-pickle if its pickle needs code, or what pvt-convert --to
+detector wrote), which has no run of its own: pass --dataset coco with the validation images and annotations (the
+annotations' classes must be the file's, in order; COCO's 80 give COCO's category ids). It runs at mmdet's test scale.
 Under torchrun every process evaluates a shard of the images. The metrics go to stdout as JSON (detectors: also AP
 per class name, "<iou type>_per_class"; classes without ground truth are left out); a per-class table (AP per IoU
 type, or IoU per class id) goes to stderr. A mask folder's class ids are named as in the checkpoint's run.json.
@@ -27,8 +30,10 @@ from ..training.checkpoint import resolve_checkpoint
 from ..training.distributed import DEVICES, cleanup_distributed, setup_distributed
 from ..training.inference import load_trained
 from ..training.tasks import DataSpec, ModelSpec, build_datasets, check_same_classes, evaluate
+from ..weights.detectors import is_detector_file
 from ..weights.io import atomic_write
 from .common import add_data_arguments, add_threads_argument, apply_threads, check_data_arguments, data_spec_from_args
+from .convert import LOADING_FLAGS, worded_in_flags
 from .runner import UsageError, command_parser, entry_point, flag_names, in_flags
 
 __all__ = ["build_parser", "per_class_table", "main", "run"]
@@ -37,7 +42,10 @@ __all__ = ["build_parser", "per_class_table", "main", "run"]
 def build_parser() -> argparse.ArgumentParser:
     """The ``pvt-evaluate`` command line; ``--dataset`` left out means the checkpoint's own validation data."""
     parser = command_parser(__doc__)
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run directory, checkpoint directory, model.safetensors or detector file"
+    )
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a detector .pth pickle that needs code")
     add_data_arguments(parser, train=False)
     parser.set_defaults(dataset=None, val_size=None)
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (detectors)")
@@ -123,6 +131,8 @@ def _check_command_line(args: argparse.Namespace, parser: argparse.ArgumentParse
     """The counts a run needs, checked before the model loads; a bad one is a usage error worded with its flag."""
     if args.dataset is not None:
         check_data_arguments(args, train=False, require_val=True)
+    elif Path(args.checkpoint).is_file() and is_detector_file(args.checkpoint, trust_pickle=args.trust_pickle):
+        raise UsageError(f"--checkpoint {args.checkpoint} is a detector file, with no run's own data: pass --dataset")
     try:
         check_int("batch_size", args.batch_size, minimum=1)
         if args.val_size is not None:
@@ -139,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_command_line(args, parser)
     info = setup_distributed(args.device)
     try:
-        model, spec = load_trained(args.checkpoint, device=info.device)
+        with worded_in_flags(LOADING_FLAGS):
+            model, spec = load_trained(args.checkpoint, device=info.device, trust_pickle=args.trust_pickle)
         dataset = _validation_set(args, spec)
         metrics = evaluate(
             model,

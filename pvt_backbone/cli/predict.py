@@ -5,6 +5,11 @@ torchvision.utils) and optionally a JSON of the detections.
     pvt-predict --checkpoint runs/demo --input "data/val/*.jpg" --output-dir preds --json
     pvt-predict --checkpoint runs/seg --input data/val_images --output-dir preds   # also <name>_mask.png
     pvt-predict --checkpoint runs/demo --input small.png --output-dir preds --scale 4   # picture drawn 4x larger
+    pvt-predict --checkpoint mask_rcnn_pvt_v2_b2.safetensors --input photo.jpg --output-dir preds --json
+
+--checkpoint also takes a published detector file without a run.json: an mmdet RetinaNet / Faster R-CNN / Mask
+R-CNN checkpoint (--trust-pickle if its pickle needs code) or what pvt-convert --to detector wrote. It predicts at
+mmdet's test scale (shorter side 800, longer at most 1333) and names classes as the file does.
 
 Each input x.jpg gives <output-dir>/x.png (segmenters also x_mask.png); --json writes <output-dir>/predictions.json,
 which names every input's output files (detections in input pixels; with masks also "mask_area" and "segmentation",
@@ -47,6 +52,7 @@ from ..training.inference import (
 from ..training.tasks import ModelSpec
 from ..weights.io import atomic_write
 from .common import add_threads_argument, apply_threads
+from .convert import LOADING_FLAGS, worded_in_flags
 from .runner import UsageError, command_parser, entry_point
 
 __all__ = ["Outputs", "build_parser", "plan_outputs", "mask_palette", "main", "run"]
@@ -58,7 +64,10 @@ Outputs = tuple[Path, Path | None]
 def build_parser() -> argparse.ArgumentParser:
     """The ``pvt-predict`` command line."""
     parser = command_parser(__doc__)
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run directory, checkpoint directory, model.safetensors or detector file"
+    )
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a detector .pth pickle that needs code")
     parser.add_argument("--input", required=True, help="image file, folder of images, or glob pattern (quote it)")
     parser.add_argument(
         "--output-dir", required=True, help="pictures (and predictions.json) go here; must not hold any input image"
@@ -191,7 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         raise UsageError(f"--{error}") from None
     images = find_images(args.input)
-    model, spec = load_trained(args.checkpoint, device=setup_distributed(args.device).device)
+    with worded_in_flags(LOADING_FLAGS):
+        model, spec = load_trained(
+            args.checkpoint, device=setup_distributed(args.device).device, trust_pickle=args.trust_pickle
+        )
     output_dir = Path(args.output_dir)
     plan = plan_outputs(images, output_dir, masks=spec.task == "segmentation")
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,10 @@
 """Use a trained checkpoint: rebuild the model from its ``run.json``, predict on images, draw the predictions.
 
+``load_trained`` also takes a published detector file (an mmdet RetinaNet / Faster R-CNN / Mask R-CNN checkpoint or a
+``save_detector`` ``.safetensors``), which needs no ``run.json``: the model is built by its
+``pvt_backbone.detection`` builder's ``weights=`` (mmdet's resizing, 800 / 1333 px, and mean/std) and its
+``ModelSpec`` names ``model.class_names``, with COCO's category ids when they are COCO's 80 classes.
+
 Drawing uses ``torchvision.utils.draw_bounding_boxes``, ``draw_segmentation_masks`` and ``draw_keypoints``; class id
 ``i`` is drawn in :func:`class_colour` ``(i)`` (``PALETTE[i]``, then generated colours).
 
@@ -40,6 +45,7 @@ from torch.nn import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from ..checks import check_float
+from ..weights.detectors import COCO_CATEGORY_IDS, COCO_CLASSES, is_detector_file, load_detector
 from ..weights.layouts import CheckpointError
 from .checkpoint import CheckpointNotFound, RunCheckpoint, load_run_weights, resolve_checkpoint
 from .data.folder import IMAGE_SUFFIXES
@@ -47,9 +53,11 @@ from .evaluation import segmentation_logits
 from .tasks import ModelSpec, build_model
 
 __all__ = [
+    "OneBasedLabels",
     "Detections",
     "SegmentationMap",
     "load_trained",
+    "load_published_detector",
     "predict",
     "draw",
     "scale_prediction",
@@ -164,14 +172,72 @@ class SegmentationMap:
         return {name: int(c) for name, c in zip(self.names, counts) if c > 0}
 
 
-def load_trained(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """The eval-mode model of a run directory, checkpoint directory or ``model.safetensors`` with its ``run.json``.
+class OneBasedLabels(nn.Module):
+    """A detector whose outputs label classes 0..K-1 (a published RetinaNet: mmdet's class index), seen with labels
+    1..K as ``ModelSpec`` and the COCO evaluation count them; training-mode calls (losses) pass through unchanged.
+
+    ``detector`` is the wrapped model; ``class_names`` is indexed by the shifted label (index 0
+    ``"__background__"``), ``load_report`` is the detector's.
+    """
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+        self.class_names: tuple[str, ...] = ("__background__", *detector.class_names)
+        self.load_report = getattr(detector, "load_report", None)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        """(3, H, W) images in [0, 1] -> the detector's output, eval-mode ``labels`` (N,) plus one."""
+        output = self.detector(images, targets)
+        if self.training:
+            return output
+        return [{**detections, "labels": detections["labels"] + 1} for detections in output]
+
+
+def load_published_detector(
+    path: str | Path, *, device: torch.device | str = "cpu", trust_pickle: bool = False
+) -> tuple[nn.Module, ModelSpec]:
+    """The eval-mode detector of a published detector file and its ``ModelSpec`` (labels 1..K named by
+    ``class_names``; a RetinaNet is wrapped in :class:`OneBasedLabels`).
+
+    Raises:
+        FileNotFoundError, CheckpointError, ValueError: as ``pvt_backbone.weights.detectors.load_detector``.
+    """
+    model = load_detector(path, trust_pickle=trust_pickle)
+    arch = model.load_report.arch
+    if arch == "retinanet":
+        model = OneBasedLabels(model)
+    names = tuple(model.class_names[1:])
+    spec = ModelSpec(
+        "instance" if arch == "maskrcnn" else "detection",
+        arch,
+        model.load_report.variant or "custom",
+        len(names) + 1,
+        max(32, _min_size(model)),
+        names,
+        COCO_CATEGORY_IDS if names == COCO_CLASSES else (),
+    )
+    return model.to(device).eval(), spec
+
+
+def _min_size(model: nn.Module) -> int:
+    """The shorter side a detector resizes images to (its transform's ``min_size``)."""
+    return int(getattr(model, "detector", model).transform.min_size[0])
+
+
+def load_trained(
+    path: str | Path, *, device: torch.device | str = "cpu", trust_pickle: bool = False
+) -> tuple[nn.Module, ModelSpec]:
+    """The eval-mode model of a run directory, checkpoint directory or ``model.safetensors`` with its ``run.json``;
+    or of a published detector file (:func:`load_published_detector`; ``trust_pickle`` for its pickle).
 
     Raises:
         CheckpointNotFound: (a ``FileNotFoundError``) no checkpoint at ``path``, or no ``run.json`` beside it.
         CheckpointError: (a ``ValueError``) the ``run.json`` is not JSON or does not describe a model, or the
             weights do not fit the model it describes; the message names the file.
     """
+    if Path(path).is_file() and is_detector_file(path, trust_pickle=trust_pickle):
+        return load_published_detector(path, device=device, trust_pickle=trust_pickle)
     checkpoint = resolve_checkpoint(path)
     spec = _model_spec(checkpoint)
     try:

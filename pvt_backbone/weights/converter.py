@@ -1,8 +1,14 @@
 """Inspecting and converting checkpoint files: what the ``pvt-convert`` command prints and does.
 
-This is the one weights module that builds a model (``PVTv2Backbone`` on the meta device, to check a file against a
-variant's exact keys and shapes), so ``pvt_backbone.weights`` does not import it: ``pvt_backbone.backbone`` imports
-that package.
+This is the one weights module that builds models (``PVTv2Backbone`` on the meta device, to check a file against a
+variant's exact keys and shapes; whole detectors through ``pvt_backbone.detection``'s builders, so a converted
+detector file has passed a strict load), so ``pvt_backbone.weights`` does not import it: ``pvt_backbone.backbone``
+imports that package.
+
+Whole detectors (an mmdet RetinaNet / Faster R-CNN / Mask R-CNN checkpoint, or a ``save_detector`` file):
+``inspect_detector`` reads what one holds, ``convert_detector`` writes it as ``save_detector``'s ``.safetensors``
+(``to="detector"``) or as mmdet's ``.pth`` (``to="mmdet"``, ``save_mmdet_detector``); mmdet -> detector -> mmdet
+gives the same keys and bit-identical tensors.
 
 Example:
     >>> save_weights(pvt_v2_b0(), "b0.safetensors").num_tensors
@@ -20,14 +26,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..backbone import PVTv2Backbone
 from ..config import NUM_STAGES, VARIANTS, PVTv2Config
 from .detect import Architecture, infer_architecture, to_native
-from .io import Checkpoint, WeightsSource, read_checkpoint
+from .detectors import DETECTOR_ARCHS, load_detector, read_detector_file, save_detector, to_mmdet_state_dict
+from .io import Checkpoint, WeightsSource, atomic_write, read_checkpoint
 from .layouts import (
     LAYOUTS,
     NATIVE,
@@ -38,12 +46,26 @@ from .layouts import (
     split_head,
     unwrap_checkpoint,
 )
-from .save import SaveReport, write_safetensors
+from .save import DTYPES, SaveReport, write_safetensors
 from .state_dict import compare_state_dicts
 
-__all__ = ["CONVERT_TARGETS", "CheckpointInfo", "ConvertReport", "inspect_checkpoint", "convert_checkpoint"]
+__all__ = [
+    "CONVERT_TARGETS",
+    "DETECTOR_TARGETS",
+    "CheckpointInfo",
+    "ConvertReport",
+    "DetectorInfo",
+    "DetectorConvertReport",
+    "inspect_checkpoint",
+    "convert_checkpoint",
+    "inspect_detector",
+    "convert_detector",
+    "save_mmdet_detector",
+]
 
 CONVERT_TARGETS = ("backbone", "classifier", *LAYOUTS)
+# Whole-detector outputs: "detector" is save_detector's .safetensors, "mmdet" mmdet's own .pth checkpoint.
+DETECTOR_TARGETS = ("detector", "mmdet")
 
 
 @dataclass(frozen=True)
@@ -259,3 +281,160 @@ def convert_checkpoint(
     layout = NATIVE if to in ("backbone", "classifier") else get_layout(to).name
     written = write_safetensors(native, output, layout=layout, dtype=dtype, source=checkpoint, variant=variant)
     return ConvertReport(info, written, dropped + written.dropped)
+
+
+_ARCH_NAMES = {"retinanet": "RetinaNet", "fasterrcnn": "Faster R-CNN", "maskrcnn": "Mask R-CNN"}
+_SHOWN_NAMES = 8  # class names --inspect lists before "..."
+
+
+@dataclass(frozen=True)
+class DetectorInfo:
+    """A whole detector checkpoint as ``inspect_detector`` reads it (no model built)."""
+
+    source: str
+    sha256: str | None
+    arch: str  # "retinanet", "fasterrcnn" or "maskrcnn"
+    backbone_layout: str
+    architecture: Architecture
+    num_classes: int  # K, without a background
+    class_names: tuple[str, ...] | None  # as stored in the file, mmdet label order
+    fpn_channels: int
+    num_tensors: int
+
+    def format(self) -> str:
+        """One ``label: value`` line per fact: file, sha256, detector, variant, backbone shapes, classes, FPN width,
+        tensors."""
+        names = self.class_names
+        shown = (
+            "not stored"
+            if not names
+            else ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+        )
+        return "\n".join(
+            [
+                f"file:       {self.source}",
+                f"sha256:     {self.sha256 or '-'}",
+                f"detector:   mmdet {_ARCH_NAMES[self.arch]} ({DETECTOR_ARCHS[self.arch]}), backbone layout "
+                f"{self.backbone_layout}",
+                f"variant:    {self.architecture.variant or 'custom'}",
+                f"backbone:   {self.architecture.describe()}",
+                f"classes:    {self.num_classes} ({shown})",
+                f"fpn:        {self.fpn_channels} channels",
+                f"tensors:    {self.num_tensors} (our layout)",
+            ]
+        )
+
+
+def inspect_detector(source: WeightsSource, *, trust_pickle: bool = False) -> DetectorInfo:
+    """What a whole detector checkpoint (mmdet's, or a ``save_detector`` file) holds, read without building it.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as ``read_detector_file``.
+    """
+    file = read_detector_file(source, arch=None, trust_pickle=trust_pickle)
+    return DetectorInfo(
+        source=file.source,
+        sha256=file.sha256,
+        arch=file.arch,
+        backbone_layout=file.backbone_layout,
+        architecture=file.architecture,
+        num_classes=file.num_classes,
+        class_names=file.class_names,
+        fpn_channels=file.fpn_channels,
+        num_tensors=len(file.state_dict),
+    )
+
+
+@dataclass(frozen=True)
+class DetectorConvertReport:
+    """``convert_detector``'s account: the model the file loaded into, and what was written."""
+
+    source: str
+    path: Path
+    to: str
+    arch: str
+    variant: str
+    num_classes: int  # K, without a background
+    num_tensors: int
+
+    def format(self) -> str:
+        what = "detector .safetensors" if self.to == "detector" else "mmdet checkpoint"
+        return (
+            f"read  {self.source}: mmdet {_ARCH_NAMES[self.arch]}, variant {self.variant}, {self.num_classes} "
+            f"classes, loaded strictly into {DETECTOR_ARCHS[self.arch]}\nwrote {self.path}: {what}, "
+            f"{self.num_tensors} tensors"
+        )
+
+
+def _names_without_background(model: nn.Module) -> list[str]:
+    names = list(getattr(model, "class_names", ()))
+    return names[1:] if names[:1] == ["__background__"] else names
+
+
+def save_mmdet_detector(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write a detector loaded from a published file (``weights=``) as mmdet saves one: ``torch.save`` of
+    ``{"meta": {"dataset_meta": {"classes": [...]}, ...}, "state_dict": ...}`` in mmdet's keys, atomically.
+
+    The backbone keeps the layout it was loaded from (``model.load_report.backbone_layout``), so reading the file
+    again gives bit-identical tensors.
+
+    Raises:
+        ValueError: a model without a detector ``load_report``.
+    """
+    report = getattr(model, "load_report", None)
+    arch = getattr(report, "arch", None)
+    if arch not in DETECTOR_ARCHS:
+        raise ValueError(f"save_mmdet_detector writes detectors built with weights=, got {type(model).__name__}")
+    if arch == "maskrcnn" and not model.roi_heads.has_mask():
+        arch = "fasterrcnn"  # a Faster R-CNN built from a Mask R-CNN file: its mask head was left out
+    layout = report.backbone_layout  # type: ignore[union-attr]
+    state_dict = to_mmdet_state_dict(model.state_dict(), arch, backbone_layout=layout)
+    meta = {"dataset_meta": {"classes": _names_without_background(model)}, "pvt_backbone.source": report.source}
+    return atomic_write(Path(path), lambda temp: torch.save({"meta": meta, "state_dict": state_dict}, temp))
+
+
+def convert_detector(
+    source: WeightsSource,
+    output: str | os.PathLike[str],
+    *,
+    to: str = "detector",
+    variant: PVTv2Config | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_pickle: bool = False,
+) -> DetectorConvertReport:
+    """Convert a whole detector file: loaded strictly into its ``pvt_backbone.detection`` builder, then written.
+
+    Args:
+        to: ``"detector"`` (``save_detector``'s ``.safetensors``, which ``weights=`` reads back and which stores the
+            backbone config) or ``"mmdet"`` (mmdet's ``.pth`` checkpoint, ``save_mmdet_detector``).
+        variant: the backbone's configuration (``load_detector``); needed for a custom backbone in an mmdet file.
+        dtype: cast floating tensors (``to="detector"`` only).
+
+    Raises:
+        ValueError: an unknown ``to``, an output suffix that does not fit it, or ``dtype`` with ``to="mmdet"``.
+        FileNotFoundError, CheckpointError: as ``load_detector``.
+    """
+    suffix = {"detector": ".safetensors", "mmdet": ".pth"}
+    if to not in suffix:
+        raise ValueError(f"unknown detector target {to!r}; expected one of {list(DETECTOR_TARGETS)}")
+    if Path(output).suffix != suffix[to]:
+        raise ValueError(f'output {output} must end with {suffix[to]} for to="{to}"')
+    if dtype is not None and to == "mmdet":
+        raise ValueError('dtype casts to="detector" output only; mmdet checkpoints keep the file\'s dtypes')
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+    model = load_detector(source, variant=variant, trust_pickle=trust_pickle)
+    if to == "detector":
+        path = save_detector(model, output, dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    else:
+        path = save_mmdet_detector(model, output)
+    report = model.load_report
+    return DetectorConvertReport(
+        source=report.source,
+        path=path,
+        to=to,
+        arch=report.arch,
+        variant=report.variant or "custom",
+        num_classes=len(_names_without_background(model)),
+        num_tensors=len(model.state_dict()),
+    )

@@ -10,23 +10,28 @@ keep a ``DetectorLoadReport`` as ``model.load_report``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from ..config import PVTv2Config
 from .detect import Architecture, infer_architecture, to_native
 from .detector_layouts import DetectorConversion, detector_arch, neck_head_to_mmdet, neck_head_to_ours
-from .io import Checkpoint, atomic_write, read_checkpoint
+from .io import Checkpoint, WeightsSource, atomic_write, read_checkpoint
 from .layouts import CheckpointError, DroppedKey, dropped_lines, from_native, unwrap_checkpoint
 
 __all__ = [
     "COCO_CLASSES",
+    "COCO_CATEGORY_IDS",
+    "DETECTOR_ARCHS",
     "LAYOUT_EPS",
     "DetectorFile",
     "DetectorLoadReport",
@@ -34,6 +39,9 @@ __all__ = [
     "to_mmdet_state_dict",
     "save_detector",
     "class_names_for",
+    "is_detector_file",
+    "stored_backbone_config",
+    "load_detector",
 ]
 
 # The 80 COCO detection categories in mmdet's label order (label k = k-th name).
@@ -48,6 +56,19 @@ COCO_CLASSES: tuple[str, ...] = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush",
 )  # fmt: skip
+
+# COCO's category id of each of COCO_CLASSES: 1..90 with the ten ids the 2017 annotations leave unused skipped.
+COCO_CATEGORY_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+
+# The detector kinds an mmdet checkpoint holds, each with its pvt_backbone.detection builder's name.
+DETECTOR_ARCHS: dict[str, str] = {
+    "retinanet": "retinanet_pvt_v2_fpn",
+    "fasterrcnn": "fasterrcnn_pvt_v2_fpn",
+    "maskrcnn": "maskrcnn_pvt_v2_fpn",
+}
+# First keys of an mmdet detector's neck and heads; our torchvision-layout state dicts use other names
+# (backbone.fpn.*, head.*, rpn.*, roi_heads.*).
+_MMDET_HEAD_PREFIXES = ("neck.", "bbox_head.", "rpn_head.", "roi_head.")
 
 # (patch-embedding/SR norm eps, block/stage norm eps) of the code that wrote a backbone layout. mmdet's PVTv2 uses
 # 1e-6 in every LayerNorm; the authors' detection code (layout "pvt") keeps torch's 1e-5 in the embedding/SR norms.
@@ -158,14 +179,14 @@ def _read(weights: object, trust_pickle: bool) -> Checkpoint:
     return read_checkpoint(weights, trust_pickle=trust_pickle)  # type: ignore[arg-type]
 
 
-def read_detector_file(weights: object, *, arch: str, trust_pickle: bool = False) -> DetectorFile:
+def read_detector_file(weights: object, *, arch: str | None, trust_pickle: bool = False) -> DetectorFile:
     """Read an mmdet detector checkpoint for a detector of kind ``arch`` (``"retinanet"``, ``"fasterrcnn"``,
     ``"maskrcnn"``); a Mask R-CNN file serves a Faster R-CNN with its mask head dropped.
 
     Args:
         weights: a path, a published weights name (``pvt_backbone.weights.hub.resolve_weights``) or a checkpoint
             dict.
-        arch: the detector being built.
+        arch: the detector being built; None: the kind the file holds.
         trust_pickle: allow pickles that need code to load (``torch.load(weights_only=False)``).
 
     Raises:
@@ -175,6 +196,7 @@ def read_detector_file(weights: object, *, arch: str, trust_pickle: bool = False
     checkpoint = _read(weights, trust_pickle)
     others = _split(unwrap_checkpoint(checkpoint.content)[0])[1]
     file_arch = detector_arch(others)
+    arch = arch or file_arch
     backbone = to_native(checkpoint.content, prefix="backbone.")
     allowed = {"retinanet": ("retinanet",), "fasterrcnn": ("fasterrcnn", "maskrcnn"), "maskrcnn": ("maskrcnn",)}
     if file_arch not in allowed[arch]:
@@ -266,7 +288,9 @@ def save_detector(
     The backbone keeps the layout it was loaded from (``model.load_report.backbone_layout``; mmdet's otherwise), so
     its norm eps is recovered on reading. Header metadata: ``pvt_backbone.architecture``, ``.variant``,
     ``.num_classes`` (K, no background), ``.class_names`` (JSON, mmdet label order), ``.backbone_layout``,
-    ``.norm_eps``, ``.source`` and ``.source_sha256`` (from the load report, or ``source``).
+    ``.norm_eps``, ``.backbone_config`` (the ``PVTv2Config`` as JSON, which names ``num_heads``: weights do not
+    fix it; ``stored_backbone_config`` reads it), ``.source`` and ``.source_sha256`` (from the load report, or
+    ``source``).
 
     Raises:
         ValueError: a model that does not compute mmdet's function, or a path not ending in ``.safetensors``.
@@ -292,8 +316,108 @@ def save_detector(
         "pvt_backbone.num_classes": str(len(names)),
         "pvt_backbone.class_names": json.dumps(list(names)),
         "pvt_backbone.backbone_layout": layout,
+        "pvt_backbone.backbone_config": _config_json(model),
         "pvt_backbone.norm_eps": json.dumps(list(LAYOUT_EPS[layout])),
         "pvt_backbone.source": source or (report.source if isinstance(report, DetectorLoadReport) else ""),
         "pvt_backbone.source_sha256": (report.sha256 or "") if isinstance(report, DetectorLoadReport) else "",
     }
     return atomic_write(target, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+
+
+def _config_json(model: nn.Module) -> str:
+    """The backbone's ``PVTv2Config`` as a JSON object ("" for a model without ``backbone.body.config``)."""
+    config = getattr(getattr(getattr(model, "backbone", None), "body", None), "config", None)
+    return json.dumps(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else ""
+
+
+def stored_backbone_config(metadata: Mapping[str, str]) -> PVTv2Config | None:
+    """The backbone ``PVTv2Config`` ``save_detector`` wrote into a file's header metadata, or None without one.
+
+    Raises:
+        CheckpointError: the entry is there but does not describe a ``PVTv2Config``.
+
+    Example:
+        >>> stored_backbone_config({"pvt_backbone.backbone_config": '{"embed_dims": [8, 16, 32, 32], '
+        ...                         '"depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 4]}'}).num_heads
+        (1, 2, 4, 4)
+        >>> stored_backbone_config({}) is None
+        True
+    """
+    text = metadata.get("pvt_backbone.backbone_config")
+    if not text:
+        return None
+    try:
+        return PVTv2Config(**json.loads(text))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"pvt_backbone.backbone_config is no PVTv2Config: {error}") from None
+
+
+def _mmdet_keys(keys: Iterable[str]) -> bool:
+    """Whether state-dict keys are a whole mmdet detector's: a ``backbone.*`` key and a neck or head key."""
+    names = list(keys)
+    return any(k.startswith("backbone.") for k in names) and any(k.startswith(_MMDET_HEAD_PREFIXES) for k in names)
+
+
+def is_detector_file(source: WeightsSource, *, trust_pickle: bool = False) -> bool:
+    """Whether ``source`` (a path or a checkpoint dict) holds a whole detector in mmdet's keys: an mmdet checkpoint
+    or a ``save_detector`` file, what the builders' ``weights=`` take. False for a state dict in our torchvision
+    layout (``backbone.body.*``, ``roi_heads.*``: what training writes) and for a path that does not exist.
+
+    A ``.safetensors`` file is told by its header (metadata, keys) without reading tensors; other files are read.
+
+    Raises:
+        CheckpointError: an existing file that is not a readable checkpoint (or a pickle that needs code without
+        ``trust_pickle=True``).
+
+    Example:
+        >>> is_detector_file({"state_dict": {"backbone.patch_embed1.proj.weight": torch.zeros(1),
+        ...                                  "neck.fpn_convs.0.conv.weight": torch.zeros(1)}})
+        True
+        >>> is_detector_file({"backbone.body.stages.0.norm.weight": torch.zeros(1)})
+        False
+    """
+    if isinstance(source, Mapping):
+        return _mmdet_keys(unwrap_checkpoint(source)[0])
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+        return False
+    try:
+        with safe_open(os.fspath(source), "pt") as handle:
+            metadata, keys = handle.metadata() or {}, list(handle.keys())
+        return "pvt_backbone.architecture" in metadata or _mmdet_keys(keys)
+    except (SafetensorError, OSError, ValueError):  # not safetensors: read it as any checkpoint
+        return _mmdet_keys(unwrap_checkpoint(read_checkpoint(source, trust_pickle=trust_pickle).content)[0])
+
+
+def _file_arch_and_config(source: WeightsSource, trust_pickle: bool) -> tuple[str, PVTv2Config | None]:
+    """(the detector kind a file holds, the backbone config its metadata stores or None)."""
+    checkpoint = _read(source, trust_pickle)
+    others = _split(unwrap_checkpoint(checkpoint.content)[0])[1]
+    return detector_arch(others), stored_backbone_config(checkpoint.metadata)
+
+
+def load_detector(
+    source: WeightsSource,
+    *,
+    variant: PVTv2Config | str | None = None,
+    trust_pickle: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """The detector a file holds (mmdet RetinaNet, Faster or Mask R-CNN checkpoint, or a ``save_detector`` file),
+    built by its ``pvt_backbone.detection`` builder with ``weights=source`` (strict load, ``load_report``,
+    ``class_names``), in train mode as the builders return it.
+
+    Args:
+        variant: the backbone's configuration; default: the one ``save_detector`` stored in the file, else the
+            table variant its shapes fit. A custom backbone in an mmdet file needs it (weights do not fix
+            ``num_heads``).
+        kwargs: for the builder (``min_size``, ``max_size``, ``score_thresh``, ...).
+
+    Raises:
+        FileNotFoundError, CheckpointError: as ``read_detector_file``. ValueError: ``variant`` or ``kwargs`` that
+        disagree with the file, or a custom backbone without ``variant``.
+    """
+    from .. import detection
+
+    arch, stored = _file_arch_and_config(source, trust_pickle)
+    build = getattr(detection, DETECTOR_ARCHS[arch])
+    return build(variant if variant is not None else stored, weights=source, trust_pickle=trust_pickle, **kwargs)
