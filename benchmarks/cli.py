@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-timm", action="store_true", help="time only our model")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument("--no-int8", action="store_true", help="skip the OpenVINO INT8 rows")
+    parser.add_argument(
+        "--contended", action="store_true", help="also time the runtimes with a busy-loop process on one core"
+    )
     parser.add_argument("--no-detector", action="store_true", help="skip the Faster R-CNN comparison")
     parser.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing memory rows")
     parser.add_argument("--checkpointing-size", type=image_size_argument, default=defaults.checkpointing_case)
@@ -88,6 +92,8 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Benc
         device=args.device,
         compare_timm=not args.no_timm,
         onnx=not args.no_onnx,
+        int8=not args.no_int8,
+        contended=args.contended,
         detector=not args.no_detector,
         checkpointing=not args.no_checkpointing,
         checkpointing_case=args.checkpointing_size,

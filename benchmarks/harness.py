@@ -19,12 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import multiprocessing
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +31,6 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from pvt_backbone import create_model, load_weights
 from pvt_backbone.cli.arguments import ImageSize
-from pvt_backbone.export import export_onnx, onnxruntime_session
 
 from .measure import (
     Measurement,
@@ -45,6 +42,7 @@ from .measure import (
     matmul_peak_gflops,
     time_interleaved,
 )
+from .runtimes import measure_runtimes
 
 __all__ = [
     "TASKS",
@@ -91,7 +89,9 @@ class BenchmarkSettings:
     warmup: int = 1
     device: str = "cpu"
     compare_timm: bool = True
-    onnx: bool = True
+    onnx: bool = True  # onnxruntime and (when installed) OpenVINO fp32 rows
+    int8: bool = True  # OpenVINO INT8 (NNCF) rows beside them
+    contended: bool = False  # time the runtimes again with one core busy
     detector: bool = True
     checkpointing: bool = True
     checkpointing_case: ImageSize = ImageSize(512, 512, 1)
@@ -255,7 +255,8 @@ def _measure_onnx(
     build: Callable[[], nn.Module],
     log: Callable[[str], None],
 ) -> None:
-    """Our classifier exported once (dynamic batch/H/W) and run by onnxruntime on CPU at every inference case."""
+    """Our classifier exported once (dynamic batch/H/W) and run by onnxruntime and OpenVINO (fp32, INT8) on CPU at
+    every inference case (see :mod:`benchmarks.runtimes`)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -264,38 +265,19 @@ def _measure_onnx(
     if settings.variant == "b2_li":
         report.notes.append("ONNX: skipped for b2_li (adaptive pooling needs one fixed size per export)")
         return
-    cpu_model = model.to("cpu").eval()
-    with tempfile.TemporaryDirectory() as directory:
-        start = time.perf_counter()
-        path = export_onnx(cpu_model, torch.randn(1, 3, 224, 224), Path(directory) / "model.onnx")
-        report.notes.append(f"ONNX: exported once with dynamic batch/H/W in {time.perf_counter() - start:.0f} s")
-        session = onnxruntime_session(path, threads=torch.get_num_threads())
-        input_name = session.get_inputs()[0].name
-        for case in settings.cases:
-            images = torch.randn(case.batch, 3, case.height, case.width)
-            feed = {input_name: images.numpy()}
-            with torch.inference_mode():
-                diff = abs(session.run(None, feed)[0] - cpu_model(images).numpy()).max()
-            times = time_interleaved(
-                {"onnxruntime": lambda feed=feed: session.run(None, feed)},
-                iterations=settings.iterations,
-                warmup=settings.warmup,
-                device=torch.device("cpu"),
-            )
-            gflop = count_gflop(build, case, "inference")
-            m = Measurement(
-                "ours-onnxruntime",
-                settings.variant,
-                "inference",
-                "fp32",
-                "onnx",
-                str(case),
-                times["onnxruntime"],
-                gflop,
-            )
-            m.note = f"max |ORT - eager| {diff:.1e}"
-            report.measurements.append(m)
-            log(f"onnxruntime {case}: median {m.median_s * 1e3:.0f} ms ({m.note})")
+    rows, notes = measure_runtimes(
+        model,
+        settings.cases,
+        variant=settings.variant,
+        iterations=settings.iterations,
+        warmup=settings.warmup,
+        int8=settings.int8,
+        contended=settings.contended,
+        build=build,
+        log=log,
+    )
+    report.measurements.extend(rows)
+    report.notes.extend(notes)
     model.to(device)
 
 

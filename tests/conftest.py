@@ -1,7 +1,29 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from pvt_backbone import PVTv2Config
+
+# Set in the child process that runs an ``isolated`` test.
+_ISOLATED_CHILD = "PVT_BACKBONE_ISOLATED_TEST"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run tests marked ``isolated`` in a fresh interpreter: NNCF's quantization leaves process-wide state behind
+    (a later ``signal.raise_signal(SIGTERM)`` in the same process crashes it), which must not reach other tests."""
+    if pyfuncitem.get_closest_marker("isolated") is None or os.environ.get(_ISOLATED_CHILD) == "1":
+        return None
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    env = {**os.environ, _ISOLATED_CHILD: "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=900, cwd=pyfuncitem.config.rootpath
+    )
+    assert result.returncode == 0, f"{pyfuncitem.nodeid} failed in its own process:\n{result.stdout[-4000:]}"
+    return True
 
 
 @pytest.fixture(autouse=True)

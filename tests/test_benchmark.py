@@ -180,3 +180,31 @@ def test_matmul_peak_runs_in_the_requested_dtype(dtype: torch.dtype, monkeypatch
     monkeypatch.setattr(torch, "mm", recording_mm)
     assert matmul_peak_gflops(size=64, repeats=2, dtype=dtype) > 0
     assert seen == [(dtype, (64, 64))] * 3  # one warm-up, then the timed repeats
+
+
+def test_runtime_rows_are_checked_timed_and_contended() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    settings = BenchmarkSettings(
+        variant="b0",
+        cases=(ImageSize(64, 64, 1),),
+        tasks=("inference",),
+        dtypes=("fp32",),
+        iterations=2,
+        warmup=0,
+        compare_timm=False,
+        contended=True,
+        detector=False,
+        checkpointing=False,
+        int8=False,  # the INT8 path is tested in test_export_whole.py and test_export_cli.py
+    )
+    report = run_benchmark(settings, log=lambda line: None)
+    rows = {(m.impl, m.dtype, m.mode): m for m in report.measurements}
+    assert not any(m.dtype == "int8" for m in report.measurements)
+    for impl, dtype in (("ours-onnxruntime", "fp32"), ("ours-openvino", "fp32")):
+        runtime = impl.removeprefix("ours-")
+        quiet, busy = rows[(impl, dtype, runtime)], rows[(impl, dtype, f"{runtime} contended")]
+        assert len(quiet.times) == 2 and quiet.median_s and busy.median_s
+        assert "x the quiet median" in busy.note
+    assert "max abs diff vs eager" in rows[("ours-openvino", "fp32", "openvino")].note
+    assert "| ours-openvino (openvino contended) inference fp32 | 64x64 b1 |" in to_markdown(report)

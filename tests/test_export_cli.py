@@ -85,3 +85,45 @@ def test_failed_verification_leaves_nothing_at_the_output_path(
     assert not list(tmp_path.iterdir())  # neither the unverified file nor a temporary
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "b0.pt2" in err[0] and "atol" in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--model", "fasterrcnn", "--size", "64x64", "--verify-size", "96x64"], ["--verify-size", "--size"]),
+        (["--model", "retinanet", "--size", "64x64", "--verify-size", "192x192"], ["--size 64x64", "160"]),
+        (["--model", "fcos", "--size", "160x170", "--verify-size", "192x192"], ["--size 160x170", "32"]),
+        (["--int8", "--format", "onnx"], ["--int8", "--to openvino"]),
+    ],
+)
+def test_whole_model_sizes_and_int8_are_checked_first(
+    argv: list[str], fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = run_command(main, ["--variant", "b0", *argv, "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_USAGE, err
+    assert len(err) == 1 and all(fragment in err[0] for fragment in fragments), err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.isolated
+def test_openvino_int8_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    argv = ["--variant", "b0", "--to", "openvino", "--int8", "--calibration", "synthetic", "--calibration-size", "4"]
+    argv += ["--size", "64x64", "--verify-size", "64x96:2", "--out", str(tmp_path / "b0")]
+    assert run_command(main, argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b0.bin", "b0.int8.bin", "b0.int8.xml", "b0.xml"]
+    out = capsys.readouterr().out
+    assert "max |openvino - eager|" in out and "cosine similarity to fp32" in out, out
+    cosine = float(out.split("cosine similarity to fp32 = ")[1].split()[0])
+    assert 0.5 < cosine <= 1.0 + 1e-6, out
+
+
+def test_int8_calibration_folder_must_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    argv = ["--variant", "b0", "--to", "openvino", "--int8", "--calibration", str(tmp_path / "absent")]
+    argv += ["--size", "64x64", "--verify-size", "64x64", "--out", str(tmp_path / "out" / "b0")]
+    assert run_command(main, argv) == EXIT_USAGE
+    assert "absent" in capsys.readouterr().err
