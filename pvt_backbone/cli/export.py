@@ -5,6 +5,7 @@ and/or OpenVINO (fp32, optionally INT8), verified at a second size against the e
     pvt-export --variant b2_li --format onnx --static-size --size 224x224 --verify-size 224x224:2
     pvt-export --model retinanet --num-classes 91 --size 512x512 --verify-size 640x480 --to onnx --out exports/ret
     pvt-export --to openvino --int8 --calibration synthetic --calibration-size 64 --out exports/pvt_v2_b2
+    pvt-export --checkpoint runs/demo --to onnx --size 96x96 --verify-size 96x96:2 --out exports/demo
 
 Whole models (--model retinanet/fcos/fasterrcnn/maskrcnn/segmenter) take RGB images in [0, 1] at the exported size
 (heights and widths multiples of 32 for detectors; normalisation is inside) and return fixed-size outputs (boxes,
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="backbone", choices=FEATURE_MODELS + WHOLE_MODELS)
     parser.add_argument("--num-classes", type=int, default=None, help="whole models (default 91, segmenter 150)")
     parser.add_argument("--weights", help="checkpoint in any supported layout (default: random initialisation)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a trained run (directory or model.safetensors with its run.json): export its whole model; "
+        "replaces --variant, --model, --num-classes and --weights",
+    )
     parser.add_argument("--out", required=True, help="output path without suffix; .pt2 / .onnx / .xml are appended")
     parser.add_argument("--format", "--to", dest="format", default="both", choices=FORMATS)
     parser.add_argument("--size", type=image_size_argument, default=ImageSize(224, 224), help="example HxW[:batch]")
@@ -147,7 +153,26 @@ def _report(path: Path, against: str, result: Verification) -> None:
     print(f"{path}: max |{against} - eager| = {result.max_abs_diff:.2e} at {result.input_shape}{verdict}")
 
 
+def _trained(args: argparse.Namespace) -> nn.Module:
+    """The whole model of ``--checkpoint``; sets ``args.model`` to its kind."""
+    from ..export_models import exportable
+    from ..training.inference import OneBasedLabels, load_trained
+
+    given = [f"--{name.replace('_', '-')}" for name in ("weights", "num_classes") if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"--checkpoint describes the model: leave out {', '.join(given)}")
+    model, spec = load_trained(args.checkpoint)
+    if isinstance(model, OneBasedLabels):  # a published RetinaNet file: export the detector itself (labels 0..K-1)
+        model = model.detector
+    args.model = "segmenter" if spec.task == "segmentation" else spec.model
+    if args.model not in WHOLE_MODELS:
+        raise UsageError(f"--checkpoint holds a {spec.model} model; whole-model export takes {', '.join(WHOLE_MODELS)}")
+    return exportable(model.eval())
+
+
 def _build(args: argparse.Namespace) -> nn.Module:
+    if args.checkpoint is not None:
+        return _trained(args)
     if args.model in FEATURE_MODELS:
         name = f"pvt_v2_{args.variant}" + ("_backbone" if args.model == "backbone" else "")
         return create_model(name, weights=args.weights).eval()
@@ -266,10 +291,10 @@ def _quantize(args: argparse.Namespace, onnx_path: Path, out: Path, whole: bool,
 def main(argv: Sequence[str] | None = None) -> int:
     """Export, verify, print one line per file; exit 1 if a verification exceeds ``--atol`` (that file not written)."""
     args = build_parser().parse_args(argv)
+    model = _build(args)
     whole = args.model in WHOLE_MODELS
     if args.atol is None:
         args.atol = 1e-3 if whole else 1e-4
-    model = _build(args)
     example, check = _images(args.size, whole), _images(args.verify_size, whole)
     _check_sizes(args, model, example, check)
     if args.format == "openvino":

@@ -269,7 +269,7 @@ def _model_spec(checkpoint: RunCheckpoint) -> ModelSpec:
 def predict(model: nn.Module, spec: ModelSpec, image: Tensor, *, score_threshold: float = 0.5) -> Any:
     """One (3, H, W) image in [0, 1] -> ``Detections`` (scores >= ``score_threshold``) or ``SegmentationMap``."""
     check_float("score_threshold", score_threshold, minimum=0.0, maximum=1.0)
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # an exported model has no parameters: cpu
     if spec.task == "segmentation":
         logits = segmentation_logits(model, image[None].to(device), size=spec.image_size)
         return SegmentationMap(logits.argmax(1)[0].cpu(), spec.class_names)
