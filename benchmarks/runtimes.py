@@ -68,7 +68,12 @@ def runtime_steps(
         expected = model(images)
     session = onnxruntime_session(onnx_path, threads=threads)
     feed = {session.get_inputs()[0].name: images.numpy()}
-    outputs = {"onnxruntime fp32": lambda: torch.from_numpy(session.run(None, feed)[0])}
+    def eager() -> Tensor:
+        with torch.inference_mode():
+            return model(images)
+
+    # eager is timed in the same interleaved rounds as the runtimes (and beside them under --contended)
+    outputs = {"eager fp32": eager, "onnxruntime fp32": lambda: torch.from_numpy(session.run(None, feed)[0])}
     try:
         from pvt_backbone.export_openvino import compile_openvino, convert_openvino, run_openvino
     except ImportError:  # pragma: no cover - openvino is optional
@@ -83,6 +88,9 @@ def runtime_steps(
             outputs["openvino int8"] = lambda: run_openvino(quantized, images)[0]
     notes = {}
     for name, run in outputs.items():
+        if name == "eager fp32":
+            notes[name] = "the reference"
+            continue
         got = run().float()
         if name.endswith("int8"):
             cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
