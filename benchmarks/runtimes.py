@@ -50,11 +50,10 @@ def busy_core(core: int = 0) -> Iterator[None]:
 
 def _int8_model(onnx_path: Path, case: ImageSize) -> object:
     from pvt_backbone.export_openvino import calibration_images, convert_openvino, quantize_openvino
+    from pvt_backbone.training.evaluation import normalize_images
 
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     images = calibration_images("synthetic", 8, (case.height, case.width))
-    return quantize_openvino(convert_openvino(onnx_path), images, preprocess=lambda x: (x - mean) / std)
+    return quantize_openvino(convert_openvino(onnx_path), images, preprocess=normalize_images)
 
 
 def runtime_steps(

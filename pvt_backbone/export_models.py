@@ -506,19 +506,28 @@ def export_model_onnx(
     Input ``image``; outputs named by :func:`output_names`. Uses torch's dynamo exporter with
     :func:`onnx_translations` for the NMS operator (``NonMaxSuppression``, opset 18).
     """
+    onnx_program = _model_onnx_program(
+        model, example, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, min_size=min_size
+    )
+    return _write_atomically(path, ".onnx", onnx_program.save)
+
+
+def _model_onnx_program(
+    model: nn.Module, example: Tensor, *, dynamic_batch: bool, dynamic_size: bool | None, min_size: int | None
+) -> Any:
+    """The ONNX program of :func:`export_model_program`'s graph: input ``image``, :func:`output_names`, NMS
+    translated by :func:`onnx_translations`."""
     program = export_model_program(
         model, example, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, min_size=min_size
     )
-    wrapper = exportable(model)
-    onnx_program = torch.onnx.export(
+    return torch.onnx.export(
         program,
         dynamo=True,
         input_names=["image"],
-        output_names=output_names(wrapper),
+        output_names=output_names(exportable(model)),
         custom_translation_table=onnx_translations(),
         verbose=False,
     )
-    return _write_atomically(path, ".onnx", onnx_program.save)
 
 
 @contextlib.contextmanager
@@ -628,16 +637,8 @@ def export_verified_model_onnx(
     """:func:`export_model_onnx`, the file checked in onnxruntime on ``x`` (:func:`verify_model_outputs`) before it
     is renamed onto ``path``; a failed check leaves ``path`` as it was. Returns the check."""
     check_float("atol", atol, minimum=0.0)
-    program = export_model_program(
+    onnx_program = _model_onnx_program(
         model, example, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, min_size=min_size
-    )
-    onnx_program = torch.onnx.export(
-        program,
-        dynamo=True,
-        input_names=["image"],
-        output_names=output_names(exportable(model)),
-        custom_translation_table=onnx_translations(),
-        verbose=False,
     )
 
     def verify(name: str) -> Verification:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lr_probe import lrs, two_groups
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_runs import tiny_run_config
@@ -303,22 +304,6 @@ def _factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * decay
 
 
-def _two_groups(lr: float = 1.0) -> torch.optim.Optimizer:
-    """An optimizer with a backbone-like group at a tenth of the LR, as ``backbone_lr_mult=0.1`` makes."""
-    head, body = nn.Linear(2, 2), nn.Linear(2, 2)
-    return torch.optim.AdamW([{"params": head.parameters()}, {"params": body.parameters(), "lr": lr / 10}], lr=lr)
-
-
-def _lrs(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[list[float]]:
-    """Each group's LR at each of ``steps`` steps (read before the step, as the loop logs it)."""
-    seen = []
-    for _ in range(steps):
-        seen.append([group["lr"] for group in optimizer.param_groups])
-        optimizer.step()
-        scheduler.step()
-    return seen
-
-
 @pytest.mark.parametrize(
     ("total", "warmup", "kind", "min_ratio"),
     [
@@ -330,22 +315,22 @@ def _lrs(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[list[f
     ],
 )
 def test_schedule_lrs_follow_the_formula_at_every_step(total: int, warmup: int, kind: str, min_ratio: float) -> None:
-    optimizer = _two_groups()
+    optimizer = two_groups()
     scheduler = LRSchedule(total=total, warmup=warmup, kind=kind, min_ratio=min_ratio).scheduler(optimizer)
     assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
-    for step, (head_lr, body_lr) in enumerate(_lrs(optimizer, scheduler, total + 1)):
+    for step, (head_lr, body_lr) in enumerate(lrs(optimizer, scheduler, total + 1)):
         expected = _factor(step, total=total, warmup=warmup, kind=kind, min_ratio=min_ratio)
         assert head_lr == pytest.approx(expected, rel=1e-12, abs=1e-15), step
         assert body_lr == pytest.approx(expected / 10, rel=1e-12, abs=1e-16), step  # the floor is per group
 
 
 def test_warmup_then_cosine_and_poly() -> None:
-    optimizer = _two_groups()
-    cosine = [lr for lr, _ in _lrs(optimizer, LRSchedule(110, 10, "cosine", 0.1).scheduler(optimizer), 111)]
+    optimizer = two_groups()
+    cosine = [lr for lr, _ in lrs(optimizer, LRSchedule(110, 10, "cosine", 0.1).scheduler(optimizer), 111)]
     assert cosine[0] == pytest.approx(1e-3) and cosine[5] == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
     assert cosine[10] == 1.0 and cosine[60] == pytest.approx(0.55) and cosine[110] == pytest.approx(0.1)
-    optimizer = _two_groups()
-    poly = [lr for lr, _ in _lrs(optimizer, LRSchedule(110, 10, "poly", 0.0).scheduler(optimizer), 111)]
+    optimizer = two_groups()
+    poly = [lr for lr, _ in lrs(optimizer, LRSchedule(110, 10, "poly", 0.0).scheduler(optimizer), 111)]
     assert poly[60] == pytest.approx(0.5**0.9) and poly[110] == 0.0
     assert LRSchedule.for_run(total=100_000, warmup_steps=None, kind="poly", min_ratio=0.0).warmup == 500
     assert LRSchedule.for_run(total=10, warmup_steps=None, kind="poly", min_ratio=0.0).warmup == 1
@@ -355,17 +340,17 @@ def test_warmup_then_cosine_and_poly() -> None:
 @pytest.mark.parametrize("stop", [3, 10, 25])  # in the warm-up, at its end, in the decay
 def test_schedule_state_round_trip_continues_bit_identically(stop: int) -> None:
     schedule = LRSchedule(total=40, warmup=10, kind="cosine", min_ratio=0.05)
-    optimizer = _two_groups(lr=2e-4)
-    reference = _lrs(optimizer, schedule.scheduler(optimizer), 40)
-    first = _two_groups(lr=2e-4)
+    optimizer = two_groups(lr=2e-4)
+    reference = lrs(optimizer, schedule.scheduler(optimizer), 40)
+    first = two_groups(lr=2e-4)
     scheduler = schedule.scheduler(first)
-    _lrs(first, scheduler, stop)
+    lrs(first, scheduler, stop)
     saved = {"optimizer": first.state_dict(), "scheduler": scheduler.state_dict()}
-    resumed = _two_groups(lr=2e-4)
+    resumed = two_groups(lr=2e-4)
     scheduler = schedule.scheduler(resumed)
     resumed.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    assert _lrs(resumed, scheduler, 40 - stop) == reference[stop:]
+    assert lrs(resumed, scheduler, 40 - stop) == reference[stop:]
 
 
 def test_schedule_refuses_bad_settings() -> None:

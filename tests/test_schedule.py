@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from lr_probe import lrs, two_groups
 
 from pvt_backbone.training.schedule import LRSchedule, milestone_steps
 from pvt_backbone.training.trainer import TrainConfig
@@ -19,20 +19,6 @@ def _step_factor(step: int, *, warmup: int, milestones: tuple[int, ...], gamma: 
     return gamma ** sum(1 for milestone in milestones if milestone <= step)
 
 
-def _two_groups(lr: float = 1.0) -> torch.optim.Optimizer:
-    head, body = nn.Linear(2, 2), nn.Linear(2, 2)
-    return torch.optim.AdamW([{"params": head.parameters()}, {"params": body.parameters(), "lr": lr / 10}], lr=lr)
-
-
-def _lrs(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[list[float]]:
-    seen = []
-    for _ in range(steps):
-        seen.append([group["lr"] for group in optimizer.param_groups])
-        optimizer.step()
-        scheduler.step()
-    return seen
-
-
 @pytest.mark.parametrize(
     ("warmup", "milestones", "gamma", "start"),
     [(5, (12, 20), 0.1, 1e-3), (0, (3, 4, 9), 0.5, 1e-3), (8, (6, 15), 0.2, 0.01)],  # the last: a milestone in warm-up
@@ -41,35 +27,35 @@ def test_step_lrs_follow_the_formula_at_every_step(
     warmup: int, milestones: tuple[int, ...], gamma: float, start: float
 ) -> None:
     schedule = LRSchedule(total=30, warmup=warmup, kind="step", milestones=milestones, gamma=gamma, warmup_start=start)
-    optimizer = _two_groups()
-    for step, (head, body) in enumerate(_lrs(optimizer, schedule.scheduler(optimizer), 31)):
+    optimizer = two_groups()
+    for step, (head, body) in enumerate(lrs(optimizer, schedule.scheduler(optimizer), 31)):
         expected = _step_factor(step, warmup=warmup, milestones=milestones, gamma=gamma, start=start)
         assert head == pytest.approx(expected, rel=1e-12), step
         assert body == pytest.approx(expected / 10, rel=1e-12), step
 
 
 def test_without_warmup_it_is_torchs_multistep_lr() -> None:
-    ours, theirs = _two_groups(), _two_groups()
+    ours, theirs = two_groups(), two_groups()
     mine = LRSchedule(total=40, warmup=0, kind="step", milestones=(10, 25, 30), gamma=0.3).scheduler(ours)
     reference = torch.optim.lr_scheduler.MultiStepLR(theirs, milestones=[10, 25, 30], gamma=0.3)
-    for (a, b), (c, d) in zip(_lrs(ours, mine, 40), _lrs(theirs, reference, 40)):
+    for (a, b), (c, d) in zip(lrs(ours, mine, 40), lrs(theirs, reference, 40)):
         assert a == pytest.approx(c, rel=1e-12) and b == pytest.approx(d, rel=1e-12)
 
 
 @pytest.mark.parametrize("stop", [2, 5, 11, 12, 21])  # in the warm-up, at its end, around and after milestones
 def test_step_schedule_resumes_exactly(stop: int) -> None:
     schedule = LRSchedule(total=30, warmup=5, kind="step", milestones=(12, 20))
-    optimizer = _two_groups(lr=1e-4)
-    reference = _lrs(optimizer, schedule.scheduler(optimizer), 30)
-    first = _two_groups(lr=1e-4)
+    optimizer = two_groups(lr=1e-4)
+    reference = lrs(optimizer, schedule.scheduler(optimizer), 30)
+    first = two_groups(lr=1e-4)
     scheduler = schedule.scheduler(first)
-    _lrs(first, scheduler, stop)
+    lrs(first, scheduler, stop)
     saved = {"optimizer": first.state_dict(), "scheduler": scheduler.state_dict(), "schedule": schedule.to_dict()}
-    resumed = _two_groups(lr=1e-4)
+    resumed = two_groups(lr=1e-4)
     scheduler = LRSchedule.from_dict(saved["schedule"]).scheduler(resumed)
     resumed.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    continued = _lrs(resumed, scheduler, 30 - stop)
+    continued = lrs(resumed, scheduler, 30 - stop)
     assert continued == reference[stop:]
     for offset, (head, _) in enumerate(continued):
         step = stop + offset

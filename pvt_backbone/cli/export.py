@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from ..checks import check_float
 from ..config import VARIANTS
-from ..detection import IMAGENET_MEAN, IMAGENET_STD
 from ..export import (
     DEFAULT_MIN_SIZE,
     Verification,
@@ -44,6 +43,7 @@ from ..export import (
     save_verified_program,
 )
 from ..registry import create_model
+from ..training.evaluation import normalize_images
 from .arguments import ImageSize, image_size_argument
 from .runner import UsageError, command_parser, entry_point, in_flags
 
@@ -234,11 +234,6 @@ def _export_whole(args: argparse.Namespace, model: nn.Module, example: Tensor, c
     return failed
 
 
-def _normalise(x: Tensor) -> Tensor:
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def _export_openvino(args: argparse.Namespace, model: nn.Module, example: Tensor, check: Tensor) -> list[str]:
     """ONNX in a temporary folder -> OpenVINO fp32 (verified) [-> INT8]; returns the paths that failed."""
     from .. import export_openvino as ov
@@ -275,11 +270,11 @@ def _quantize(args: argparse.Namespace, onnx_path: Path, out: Path, whole: bool,
         images = ov.calibration_images(args.calibration, args.calibration_size, size)
     except FileNotFoundError as error:
         raise UsageError(f"--calibration: {error}") from None
-    preprocess = None if whole else _normalise
+    preprocess = None if whole else normalize_images
     quantized = ov.quantize_openvino(ov.convert_openvino(onnx_path), images, preprocess=preprocess)
     path = ov.save_openvino(quantized, out.with_suffix(".int8.xml"))
     held_out = ov.calibration_images(ov.SYNTHETIC, 8, size, split="val")
-    held_out = held_out if whole else _normalise(held_out)
+    held_out = held_out if whole else normalize_images(held_out)
     fp32, int8 = ov.compile_openvino(out.with_suffix(".xml")), ov.compile_openvino(quantized)
     cosine = ov.feature_cosine(lambda x: ov.run_openvino(fp32, x), lambda x: ov.run_openvino(int8, x), held_out)
     print(
