@@ -6,11 +6,11 @@ goes through a temporary file in the target directory and ``os.replace``, so a f
 :func:`save_verified_program` and :func:`export_verified_onnx` also verify that temporary file against the eager model
 before the rename, so an export that fails its verification never reaches the target path.
 
-Linear SRA (``b2_li``) pools keys and values adaptively to 7x7. ``torch.export`` keeps that as one ATen op and handles
-any size; ONNX has no adaptive pooling, so the exporter lowers it to a fixed ``AveragePool`` that is only right when
-every stage map is a multiple of 7 and the size never changes: :func:`export_onnx` therefore requires static height
-and width for such models and raises ``ValueError`` unless every stage size of the example is a multiple of 7
-(224x224 works; 800x1344 does not).
+Linear SRA (``b2_li``) pools keys and values adaptively to 7x7. ONNX has no adaptive pooling (the exporter would
+lower it to an ``AveragePool`` with the example's fixed windows), so the layer exports that pooling as two averaging
+matrix products built from the map's own height and width (:func:`pvt_backbone.layers.adaptive_avg_pool2d_matmul`).
+Linear-SRA models therefore export to ``.pt2`` and ONNX like the others: dynamic height and width, exact (to float
+rounding) at every size, multiples of 7 or not.
 
 Example:
     >>> model = PVTv2Backbone.b0().eval()
@@ -33,8 +33,6 @@ from torch.export import Dim, ExportedProgram
 
 from .backbone import PVTv2Trunk
 from .checks import check_float, check_int
-from .config import stage_sizes
-from .layers import SpatialReductionAttention
 from .weights.io import atomic_write
 
 __all__ = [
@@ -49,13 +47,11 @@ __all__ = [
     "save_verified_program",
     "export_verified_onnx",
     "check_export_sizes",
-    "check_onnx_exportable",
     "onnxruntime_session",
 ]
 
 # Smallest height/width a dynamic export accepts (the released variants need >= 29 px; 64 keeps every stage >= 2).
 DEFAULT_MIN_SIZE = 64
-LINEAR_SRA_POOL = 7
 
 
 @dataclass(frozen=True)
@@ -234,37 +230,6 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
     return torch.export.load(str(path))
 
 
-def _linear_trunks(model: nn.Module) -> list[PVTv2Trunk]:
-    return [
-        trunk
-        for trunk in model.modules()
-        if isinstance(trunk, PVTv2Trunk)
-        and any(isinstance(m, SpatialReductionAttention) and m.linear for m in trunk.modules())
-    ]
-
-
-def check_onnx_exportable(model: nn.Module, example: Tensor, *, dynamic_height: bool, dynamic_width: bool) -> None:
-    """Raise ``ValueError`` if ONNX cannot represent ``model`` at ``example``'s size (linear SRA, see module doc)."""
-    for trunk in _linear_trunks(model):
-        if dynamic_height or dynamic_width:
-            raise ValueError(
-                "this model uses linear spatial-reduction attention (b2_li), whose adaptive 7x7 pooling ONNX can only "
-                "express for one fixed input size: export it with dynamic_height=False and dynamic_width=False (batch "
-                "may stay dynamic), or use export_program, whose torch.export program handles any size"
-            )
-        height, width = (int(side) for side in example.shape[-2:])
-        built = len(trunk.stages)
-        sizes = list(zip(stage_sizes(height)[:built], stage_sizes(width)[:built]))
-        if any(h % LINEAR_SRA_POOL or w % LINEAR_SRA_POOL for h, w in sizes):
-            shown = ", ".join(f"{h}x{w}" for h, w in sizes)
-            raise ValueError(
-                f"cannot export linear-SRA (b2_li) model to ONNX at {height}x{width}: its stage maps are {shown}, and "
-                f"ONNX lowers the adaptive {LINEAR_SRA_POOL}x{LINEAR_SRA_POOL} pooling correctly only when every "
-                f"stage size is a multiple of {LINEAR_SRA_POOL} (e.g. 224x224 -> 56, 28, 14, 7); pick such a size or "
-                "use export_program (torch.export) instead"
-            )
-
-
 def _output_names(model: nn.Module, example: Tensor) -> list[str] | None:
     """``feature_<key>`` for each map of a dict-returning model (keys "0".."3"), ``output`` otherwise."""
     with torch.no_grad():
@@ -292,8 +257,11 @@ def export_onnx(
     The input is named ``image``; the outputs ``feature_0`` ... ``feature_3`` for a backbone (its dict keys) or
     ``output`` for a classifier. Dynamic dimensions keep their names (``batch``, ``height``, ``width``) in the graph.
 
+    Linear-SRA models (``b2_li``) export like the others, dynamic height and width included (see the module doc).
+
     Raises:
-        ValueError: linear-SRA models at a size ONNX cannot express (see :func:`check_onnx_exportable`).
+        TypeError: ``model`` is not a module.
+        ValueError: ``example`` is not a 4-D tensor, or a dynamic height/width of it is below ``min_size``.
     """
     options = {"dynamic_batch": dynamic_batch, "dynamic_height": dynamic_height, "dynamic_width": dynamic_width}
     program = _onnx_program(model, example, min_size=min_size, opset_version=opset_version, **options)
@@ -312,7 +280,6 @@ def _onnx_program(
 ) -> Any:
     """The ``torch.onnx.ONNXProgram`` of :func:`export_onnx`, not yet written."""
     _check_example(model, example)
-    check_onnx_exportable(model, example, dynamic_height=dynamic_height, dynamic_width=dynamic_width)
     shapes = _dynamic_shapes(
         example,
         dynamic_batch=dynamic_batch,

@@ -10,6 +10,11 @@ conv output is channels-last too and the first LayerNorm reads contiguous tokens
 
 Each module has one forward. Eval-mode inference without autograd runs the same function with fewer allocations
 through :mod:`pvt_backbone.fast_inference`, chosen by ``PVTv2Stage.forward``.
+
+Linear SRA pools keys and values adaptively to 7x7. In eager mode and under ``torch.compile`` that is
+``nn.AdaptiveAvgPool2d``; while exporting (``torch.export``, the ONNX exporters, ``torch.jit.trace``) it is
+:func:`adaptive_avg_pool2d_matmul`, the same average written as two matrix products built from the input's own
+sizes, because ONNX has no adaptive pooling and the exporter would otherwise bake in the example's window sizes.
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ __all__ = [
     "init_weights",
     "to_map",
     "to_tokens",
+    "adaptive_avg_pool2d_matmul",
+    "pool_matrix",
+    "LINEAR_POOL_SIZE",
 ]
+
+LINEAR_POOL_SIZE = 7  # linear SRA's reduced key/value map is LINEAR_POOL_SIZE x LINEAR_POOL_SIZE
 
 
 def to_map(tokens: Tensor) -> Tensor:
@@ -40,6 +50,52 @@ def to_map(tokens: Tensor) -> Tensor:
 def to_tokens(feature_map: Tensor) -> Tensor:
     """(B, C, H, W) map -> (B, H, W, C) view."""
     return feature_map.permute(0, 2, 3, 1)
+
+
+def pool_matrix(size: int, output_size: int, like: Tensor) -> Tensor:
+    """(output_size, size) averaging weights of adaptive pooling along one axis, in ``like``'s dtype and device.
+
+    Row ``i`` is ``1 / count`` on the input positions ``[floor(i * size / output_size), ceil((i + 1) * size /
+    output_size))`` (the window ``adaptive_avg_pool2d`` averages) and 0 elsewhere. ``size`` may be symbolic: the
+    matrix is built with tensor ops from it, so an exported graph builds it for the size it runs at.
+
+    Example:
+        >>> pool_matrix(3, 2, torch.empty(0))
+        tensor([[0.5000, 0.5000, 0.0000],
+                [0.0000, 0.5000, 0.5000]])
+    """
+    positions = torch.arange(size, device=like.device)
+    rows = torch.arange(output_size, device=like.device).unsqueeze(1)
+    # Integer forms of floor(i * size / out) <= p < ceil((i + 1) * size / out): no division by a symbolic size.
+    inside = (positions * output_size + output_size > rows * size) & (positions * output_size < (rows + 1) * size)
+    weights = inside.to(like.dtype)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def adaptive_avg_pool2d_matmul(x: Tensor, output_size: int | tuple[int, int]) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, output_size)`` as ``P_h @ x @ P_w^T`` (:func:`pool_matrix`), equal to float rounding.
+
+    Takes a (B, C, H, W) map in any memory format and returns a (B, C, out_h, out_w) view of channels-last memory:
+    the products run on the (B, H, W, C) tokens, contracting W and then H, so a channels-last input is read as is.
+    Every op has an ONNX form and all sizes come from ``x``, so dynamic-size exports compute it at every size.
+
+    Example:
+        >>> x = torch.randn(2, 3, 10, 13)
+        >>> torch.allclose(adaptive_avg_pool2d_matmul(x, 7), F.adaptive_avg_pool2d(x, 7), atol=1e-6)
+        True
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    tokens = to_tokens(x)  # (B, H, W, C)
+    along_w = torch.matmul(pool_matrix(x.shape[3], out_w, x), tokens)  # (B, H, out_w, C)
+    along_h = torch.matmul(pool_matrix(x.shape[2], out_h, x), along_w.flatten(2))  # (B, out_h, out_w * C)
+    return to_map(along_h.unflatten(2, (out_w, x.shape[1])))
+
+
+def _exporting() -> bool:
+    """Whether the call is being captured for a graph file (torch.export, ONNX, jit trace), not run or compiled."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -62,7 +118,8 @@ class SpatialReductionAttention(nn.Module):
     """Multi-head attention whose keys and values come from a spatially reduced copy of the tokens.
 
     Standard SRA reduces with a conv of kernel = stride = ``sr_ratio`` then LayerNorm; linear SRA pools to 7x7, then
-    1x1 conv, LayerNorm and GELU. ``kv`` packs keys then values along its output rows.
+    1x1 conv, LayerNorm and GELU. ``kv`` packs keys then values along its output rows. The pool is ``self.pool``
+    (``nn.AdaptiveAvgPool2d``, no parameters) when run, :func:`adaptive_avg_pool2d_matmul` when exported.
     """
 
     def __init__(
@@ -85,7 +142,7 @@ class SpatialReductionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.linear = linear
-        self.pool: nn.Module | None = nn.AdaptiveAvgPool2d(7) if linear else None
+        self.pool: nn.Module | None = nn.AdaptiveAvgPool2d(LINEAR_POOL_SIZE) if linear else None
         self.sr: nn.Conv2d | None = None
         self.norm: nn.LayerNorm | None = None
         self.act: nn.Module | None = nn.GELU() if linear else None
@@ -107,7 +164,8 @@ class SpatialReductionAttention(nn.Module):
         if self.sr is not None and self.norm is not None:
             reduced = to_map(x)
             if self.pool is not None:
-                reduced = self.pool(reduced)
+                # ONNX lowers adaptive pooling to fixed windows, wrong at other sizes: export the size-built form.
+                reduced = adaptive_avg_pool2d_matmul(reduced, LINEAR_POOL_SIZE) if _exporting() else self.pool(reduced)
             kv_source = self.norm(to_tokens(self.sr(reduced)))
             if self.act is not None:
                 kv_source = self.act(kv_source)

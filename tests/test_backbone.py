@@ -10,6 +10,7 @@ from torch.export import Dim, export
 from pvt_backbone import VARIANTS, PVTv2Backbone, PVTv2Config, load_weights, pvt_v2_b0
 from pvt_backbone.classifier import build_classifier
 from pvt_backbone.config import stage_sizes
+from pvt_backbone.layers import adaptive_avg_pool2d_matmul, pool_matrix
 from pvt_backbone.weights import LoadReport
 from pvt_backbone.weights.load import LoadWarning
 
@@ -105,6 +106,33 @@ def test_smallest_accepted_input(tiny_config: PVTv2Config) -> None:
     assert model(torch.randn(1, 3, 29, 29))["0"].shape[-2:] == (8, 8)
     linear = PVTv2Backbone(dataclasses.replace(tiny_config, linear=True)).eval()
     assert linear(torch.randn(1, 3, 9, 9))["3"].shape[-2:] == (1, 1)
+
+
+def test_matmul_pooling_equals_adaptive_avg_pool_at_every_size() -> None:
+    """Every height and every width in 1..40 (pairs (n, 41 - n) and (n, n)), sizes below 7 and non-multiples."""
+    for height in range(1, 41):
+        for width in {41 - height, height}:
+            x = torch.randn(2, 3, height, width)
+            for layout in (torch.contiguous_format, torch.channels_last):
+                pooled = adaptive_avg_pool2d_matmul(x.contiguous(memory_format=layout), 7)
+                assert pooled.shape == (2, 3, 7, 7)
+                assert pooled.is_contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(pooled, torch.nn.functional.adaptive_avg_pool2d(x, 7), rtol=0, atol=1e-6)
+    x = torch.randn(1, 4, 23, 9)
+    want = torch.nn.functional.adaptive_avg_pool2d(x, (5, 3))
+    torch.testing.assert_close(adaptive_avg_pool2d_matmul(x, (5, 3)), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"4-D \(B, C, H, W\) tensor, got shape \(4, 23, 9\)"):
+        adaptive_avg_pool2d_matmul(x[0], 7)
+
+
+def test_pool_matrix_rows_are_the_adaptive_windows() -> None:
+    for size in (3, 7, 10, 50):
+        weights = pool_matrix(size, 7, torch.empty(0, dtype=torch.float64))
+        for row in range(7):
+            start, end = row * size // 7, -(-(row + 1) * size // 7)
+            expected = torch.zeros(size, dtype=torch.float64)
+            expected[start:end] = 1 / (end - start)
+            torch.testing.assert_close(weights[row], expected, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Deployment: torch.export (.pt2) and ONNX with dynamic batch/height/width, checked at a second size; b2_li rules."""
+"""Deployment: torch.export (.pt2) and ONNX with dynamic batch/height/width, checked at a second size; b2_li too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pvt_backbone import PVTv2Backbone, PVTv2Config
 from pvt_backbone.classifier import build_classifier
 from pvt_backbone.export import (
     check_export_sizes,
-    check_onnx_exportable,
     export_onnx,
     export_program,
     export_verified_onnx,
@@ -75,32 +74,53 @@ def test_onnx_classifier_has_one_named_output(tiny_config: PVTv2Config, tmp_path
     assert result.ok, result
 
 
-def test_linear_sra_onnx_at_a_multiple_of_seven(linear_config: PVTv2Config, tmp_path: Path) -> None:
+def test_linear_sra_onnx_with_dynamic_size_is_exact_at_other_sizes(linear_config: PVTv2Config, tmp_path: Path) -> None:
+    """One dynamic export, run at sizes whose stage maps are not multiples of 7 (nor 7x7 pooling's example windows)."""
+    import onnx
+
+    model = PVTv2Backbone(linear_config).eval()
+    path = export_onnx(model, torch.randn(1, 3, 64, 64), tmp_path / "li.onnx")
+    graph = onnx.load(str(path)).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for i, d in enumerate(dims) if i != 1), dims  # batch, height, width are symbolic
+    assert not {node.op_type for node in graph.node} & {"AveragePool", "GlobalAveragePool"}  # no fixed windows
+    for shape in [(1, 3, 64, 96), (2, 3, 100, 132), (1, 3, 65, 97)]:
+        result = verify_onnx(path, model, torch.randn(*shape))
+        assert result.ok and result.max_abs_diff <= 1e-4, result
+
+
+def test_linear_sra_onnx_at_a_static_size_not_a_multiple_of_seven(linear_config: PVTv2Config, tmp_path: Path) -> None:
     model = PVTv2Backbone(linear_config).eval()
     path = export_onnx(
-        model, torch.randn(1, 3, 224, 224), tmp_path / "li.onnx", dynamic_height=False, dynamic_width=False
+        model, torch.randn(1, 3, 100, 132), tmp_path / "li.onnx", dynamic_height=False, dynamic_width=False
     )
-    result = verify_onnx(path, model, torch.randn(3, 3, 224, 224))  # batch stays dynamic
-    assert result.ok, result
+    result = verify_onnx(path, model, torch.randn(3, 3, 100, 132))  # batch stays dynamic
+    assert result.ok and result.max_abs_diff <= 1e-4, result
 
 
-def test_linear_sra_onnx_refuses_sizes_it_would_get_wrong(linear_config: PVTv2Config, tmp_path: Path) -> None:
+def test_export_onnx_checks_the_model_and_example_before_exporting(linear_config: PVTv2Config, tmp_path: Path) -> None:
     model = PVTv2Backbone(linear_config).eval()
-    static = {"dynamic_height": False, "dynamic_width": False}
-    with pytest.raises(ValueError, match=r"800x1344: its stage maps are 200x336, 100x168, 50x84, 25x42.*multiple of 7"):
-        export_onnx(model, torch.randn(1, 3, 800, 1344), tmp_path / "li.onnx", **static)
-    with pytest.raises(ValueError, match="dynamic_height=False and dynamic_width=False"):
-        export_onnx(model, torch.randn(1, 3, 224, 224), tmp_path / "li.onnx")
+    with pytest.raises(ValueError, match=r"example must be a 4-D \(B, C, H, W\) tensor, got \(3, 64, 64\)"):
+        export_onnx(model, torch.randn(3, 64, 64), tmp_path / "bad.onnx")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        export_onnx(lambda x: x, torch.randn(1, 3, 64, 64), tmp_path / "bad.onnx")
     assert not list(tmp_path.iterdir())
-    # Only the built stages count: stage 0 alone at 28x56 -> 7x14 is fine, stage 1 (4x7) is not built.
-    check_onnx_exportable(PVTv2Backbone(linear_config, out_indices=(0,)), torch.randn(1, 3, 28, 56), **static)
-    # Standard SRA has no such restriction.
-    check_onnx_exportable(
-        PVTv2Backbone(dataclasses.replace(linear_config, linear=False)),
-        torch.randn(1, 3, 800, 1344),
-        dynamic_height=True,
-        dynamic_width=True,
-    )
+
+
+def test_linear_sra_pools_with_the_module_eagerly_and_with_matrices_in_exports(linear_config: PVTv2Config) -> None:
+    """Eager runs keep ``nn.AdaptiveAvgPool2d`` (bit-for-bit); the traced graph has no adaptive pooling op."""
+    model = PVTv2Backbone(linear_config, out_indices=(0,)).eval()
+    attention = model.stages[0].blocks[0].attn
+    assert isinstance(attention.pool, torch.nn.AdaptiveAvgPool2d) and not list(attention.pool.state_dict())
+    calls: list[tuple[int, ...]] = []
+    attention.pool.register_forward_hook(lambda module, inputs, output: calls.append(tuple(output.shape)))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 96))
+    assert calls == [(1, 8, 7, 7)]
+    program = export_program(model, torch.randn(1, 3, 64, 64))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert not any("adaptive_avg_pool" in target for target in targets), targets
+    assert calls == [(1, 8, 7, 7)]  # the export did not call the module
 
 
 def test_writers_check_suffix_and_leave_nothing_on_failure(

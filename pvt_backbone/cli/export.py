@@ -2,7 +2,7 @@
 and/or OpenVINO (fp32, optionally INT8), verified at a second size against the eager model.
 
     pvt-export --variant b2 --weights pvt_v2_b2.pth --out exports/pvt_v2_b2 --format both
-    pvt-export --variant b2_li --format onnx --static-size --size 224x224 --verify-size 224x224:2
+    pvt-export --variant b2 --to openvino --static-size --size 512x512 --verify-size 512x512:2 --out exports/b2_512
     pvt-export --model retinanet --num-classes 91 --size 512x512 --verify-size 640x480 --to onnx --out exports/ret
     pvt-export --to openvino --int8 --calibration synthetic --calibration-size 64 --out exports/pvt_v2_b2
     pvt-export --checkpoint runs/demo --to onnx --size 96x96 --verify-size 96x96:2 --out exports/demo
@@ -36,7 +36,6 @@ from ..export import (
     DEFAULT_MIN_SIZE,
     Verification,
     check_export_sizes,
-    check_onnx_exportable,
     export_onnx,
     export_program,
     export_verified_onnx,
@@ -86,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=ImageSize(256, 320, 2),
         help=f"second HxW[:batch] (at least {DEFAULT_MIN_SIZE}x{DEFAULT_MIN_SIZE} unless --static-size)",
     )
-    parser.add_argument("--static-size", action="store_true", help="fixed height/width (needed for b2_li in ONNX)")
+    parser.add_argument(
+        "--static-size", action="store_true", help="fixed height/width (OpenVINO runs a static shape faster)"
+    )
     parser.add_argument("--static-batch", action="store_true", help="fixed batch size")
     parser.add_argument("--atol", type=float, default=None, help="largest |export - eager| (default 1e-4; 1e-3 whole)")
     parser.add_argument("--int8", action="store_true", help="with --to openvino: also an NNCF INT8 model")
@@ -115,10 +116,6 @@ def _check_sizes(args: argparse.Namespace, model: nn.Module, example: Tensor, ch
             _check_whole_sizes(args, model, example, check)
             return
         check_export_sizes(model, example, check, **_dynamic(args))
-        if args.format in ("onnx", "both", "openvino"):
-            check_onnx_exportable(
-                model, example, dynamic_height=not args.static_size, dynamic_width=not args.static_size
-            )
     except ValueError as error:
         raise UsageError(in_flags(str(error), _FLAGS)) from None
 
