@@ -1,6 +1,7 @@
 """What ``pvt-train``, ``pvt-evaluate`` and ``pvt-predict`` share: the model and dataset flags, ``--model-arg
-KEY=VALUE`` parsing, and the checks of flag combinations argparse cannot express (each a
-:class:`~pvt_backbone.cli.runner.UsageError`, exit status 2)."""
+KEY=VALUE`` parsing, the ``--runtime``/``--exported`` flags that swap the eager model for its whole-model export,
+and the checks of flag combinations argparse cannot express (each a :class:`~pvt_backbone.cli.runner.UsageError`,
+exit status 2)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import argparse
 import ast
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..checks import check_int
+from ..runtime import RUNTIMES
 from ..training.data.augment import DETECTION_AUGMENTS
 from ..training.data.protocol import SEG_PROTOCOLS
-from ..training.tasks import DATASETS, MODEL_TASK, TASKS, DataSpec
+from ..training.exported import load_exported
+from ..training.inference import OneBasedLabels
+from ..training.tasks import DATASETS, MODEL_TASK, TASKS, DataSpec, ModelSpec
+from .arguments import image_size_argument
 from .runner import UsageError, flag_names
 
 __all__ = [
@@ -30,6 +37,9 @@ __all__ = [
     "parse_model_args",
     "add_threads_argument",
     "apply_threads",
+    "add_runtime_arguments",
+    "check_runtime_arguments",
+    "exported_model",
 ]
 
 # DataSpec fields whose flag is not ``--<field>``.
@@ -246,3 +256,50 @@ def apply_threads(threads: int | None) -> None:
     except (ValueError, TypeError) as error:
         raise UsageError(f"--{error}") from None
     torch.set_num_threads(threads)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--runtime``, ``--exported FILE`` and ``--exported-size HxW``: run the checkpoint's whole-model export
+    (``pvt-export --checkpoint``) instead of the eager model; :func:`check_runtime_arguments` checks them together."""
+    group = parser.add_argument_group("exported model")
+    group.add_argument(
+        "--runtime",
+        choices=("eager", *RUNTIMES),
+        default="eager",
+        help="eager (the checkpoint in PyTorch, default), or run --exported with onnxruntime, openvino or torch (.pt2)",
+    )
+    group.add_argument("--exported", help="the checkpoint's whole-model export (pvt-export --checkpoint ...)")
+    group.add_argument("--exported-size", type=image_size_argument, help="HxW the export takes (its pvt-export --size)")
+
+
+def check_runtime_arguments(args: argparse.Namespace) -> None:
+    """Raise :class:`UsageError` unless ``--runtime`` (not eager), ``--exported`` and ``--exported-size`` come
+    together, and ``FileNotFoundError`` when ``--exported`` is no file.
+
+    Example:
+        >>> check_runtime_arguments(argparse.Namespace(runtime="eager", exported="m.onnx", exported_size=None))
+        Traceback (most recent call last):
+        ...
+        pvt_backbone.cli.runner.UsageError: --exported and --exported-size need --runtime onnxruntime, openvino or torch
+    """
+    if args.runtime == "eager":
+        if args.exported is not None or args.exported_size is not None:
+            raise UsageError(
+                f"--exported and --exported-size need --runtime {', '.join(RUNTIMES[:-1])} or {RUNTIMES[-1]}"
+            )
+        return
+    if args.exported is None or args.exported_size is None:
+        raise UsageError(f"--runtime {args.runtime} needs --exported FILE and --exported-size HxW")
+    if not Path(args.exported).is_file():
+        raise FileNotFoundError(f"--exported {args.exported}: no such file")
+
+
+def exported_model(args: argparse.Namespace, eager: nn.Module, spec: ModelSpec) -> nn.Module:
+    """``--exported`` run by ``--runtime``, called as the eager model is (the checkpoint supplies names and task);
+    the eager model itself with ``--runtime eager``. Checks the flags with :func:`check_runtime_arguments`."""
+    check_runtime_arguments(args)
+    if args.runtime == "eager":
+        return eager
+    size = (args.exported_size.height, args.exported_size.width)
+    offset = 1 if isinstance(eager, OneBasedLabels) else 0  # exports of a published RetinaNet label 0..K-1
+    return load_exported(args.exported, runtime=args.runtime, task=spec.task, size=size, label_offset=offset)

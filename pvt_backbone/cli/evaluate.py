@@ -4,6 +4,7 @@ segmenters.
     pvt-evaluate --checkpoint runs/x                      # the run's own validation data
     pvt-evaluate --checkpoint runs/x --dataset coco --val-images data/val --val-annotations val.json
     pvt-evaluate --checkpoint runs/seg --dataset folder --val-images img --val-masks masks --json m.json
+    pvt-evaluate --checkpoint runs/demo --runtime openvino --exported exports/demo.int8.xml --exported-size 96x96
 
 --checkpoint takes a run directory (its latest checkpoint), a checkpoint directory or its model.safetensors, or a
 published detector file (an mmdet checkpoint, --trust-pickle if its pickle needs code, or what pvt-convert --to
@@ -12,6 +13,14 @@ annotations' classes must be the file's, in order; COCO's 80 give COCO's categor
 Under torchrun every process evaluates a shard of the images. The metrics go to stdout as JSON (detectors: also AP
 per class name, "<iou type>_per_class"; classes without ground truth are left out); a per-class table (AP per IoU
 type, or IoU per class id) goes to stderr. A mask folder's class ids are named as in the checkpoint's run.json.
+
+--runtime onnxruntime|openvino|torch scores the checkpoint's whole-model export (pvt-export --checkpoint RUN --to
+onnx|openvino|pt2, fp32 or --int8) instead of the eager model, with the same metric code and data: as in
+pvt-predict, each image is fitted into --exported-size keeping its aspect ratio (padded at the bottom and right as
+the eager detector pads) and the detections are mapped back to its pixels; segmenters (--seg-protocol square) see
+the image resized to --exported-size, their logits resized back. An fp32 export at the size the eager model
+resizes to scores what the eager model does (images that need padding come close), so the difference to an INT8
+export measures what quantization costs. The JSON then also names "runtime" and "exported".
 """
 
 from __future__ import annotations
@@ -32,7 +41,16 @@ from ..training.inference import load_trained
 from ..training.tasks import DataSpec, ModelSpec, build_datasets, check_same_classes, evaluate
 from ..weights.detectors import is_detector_file
 from ..weights.io import atomic_write
-from .common import add_data_arguments, add_threads_argument, apply_threads, check_data_arguments, data_spec_from_args
+from .common import (
+    add_data_arguments,
+    add_runtime_arguments,
+    add_threads_argument,
+    apply_threads,
+    check_data_arguments,
+    check_runtime_arguments,
+    data_spec_from_args,
+    exported_model,
+)
 from .convert import LOADING_FLAGS, worded_in_flags
 from .runner import UsageError, command_parser, entry_point, flag_names, in_flags
 
@@ -53,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(parser)
     add_threads_argument(parser)
     return parser
 
@@ -120,6 +139,8 @@ def per_class_table(spec: ModelSpec, metrics: dict[str, Any]) -> str:
 
 def _report(args: argparse.Namespace, spec: ModelSpec, images: int, metrics: dict[str, Any]) -> None:
     result = {"checkpoint": str(args.checkpoint), "task": spec.task, "model": spec.model, "images": images}
+    if args.runtime != "eager":
+        result.update(runtime=args.runtime, exported=str(args.exported))
     text = json.dumps({**result, "metrics": metrics}, indent=2)
     print(text)
     print(per_class_table(spec, metrics), file=sys.stderr)  # stdout stays one JSON document
@@ -133,12 +154,26 @@ def _check_command_line(args: argparse.Namespace, parser: argparse.ArgumentParse
         check_data_arguments(args, train=False, require_val=True)
     elif Path(args.checkpoint).is_file() and is_detector_file(args.checkpoint, trust_pickle=args.trust_pickle):
         raise UsageError(f"--checkpoint {args.checkpoint} is a detector file, with no run's own data: pass --dataset")
+    if args.amp and args.runtime != "eager":
+        raise UsageError(
+            f"--amp runs the eager model in mixed precision; it does not apply to --runtime {args.runtime}"
+        )
+    check_runtime_arguments(args)
     try:
         check_int("batch_size", args.batch_size, minimum=1)
         if args.val_size is not None:
             check_int("val_size", args.val_size, minimum=1)
     except ValueError as error:
         raise UsageError(in_flags(str(error), flag_names(parser))) from None
+
+
+def _check_exported_protocol(args: argparse.Namespace, dataset: Any) -> None:
+    """An export takes one fixed size: a keep-ratio segmentation protocol (rescale, slide windows) cannot run on it."""
+    if args.runtime != "eager" and getattr(dataset, "inference", None) is not None:
+        raise UsageError(
+            f"--runtime {args.runtime} evaluates segmenters with --seg-protocol square only (an export takes one "
+            "fixed size); this evaluation uses keep_ratio"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with worded_in_flags(LOADING_FLAGS):
             model, spec = load_trained(args.checkpoint, device=info.device, trust_pickle=args.trust_pickle)
+        model = exported_model(args, model, spec)
         dataset = _validation_set(args, spec)
+        _check_exported_protocol(args, dataset)
         metrics = evaluate(
             model,
             dataset,

@@ -11,8 +11,8 @@ torchvision.utils) and optionally a JSON of the detections.
 
 --runtime onnxruntime|openvino|torch runs the checkpoint's whole-model export (pvt-export --checkpoint RUN --to
 onnx|openvino|pt2) instead of the eager model: each image is fitted into --exported-size keeping its aspect ratio
-(zero padding at the bottom and right) and the detections are mapped back to its pixels; names come from the
-checkpoint as before.
+(padded at the bottom and right as the eager detector pads) and the detections are mapped back to its pixels; names
+come from the checkpoint as before. --exported and --exported-size need a --runtime other than eager.
 
 --checkpoint also takes a published detector file without a run.json: an mmdet RetinaNet / Faster R-CNN / Mask
 R-CNN checkpoint (--trust-pickle if its pickle needs code) or what pvt-convert --to detector wrote. It predicts at
@@ -44,13 +44,10 @@ import numpy as np
 from PIL import Image
 from torch import Tensor, nn
 
-from ..runtime import RUNTIMES
 from ..training.data import DataError, load_image
 from ..training.distributed import DEVICES, setup_distributed
-from ..training.exported import load_exported
 from ..training.inference import (
     MAX_DRAW_SCALE,
-    OneBasedLabels,
     SegmentationMap,
     check_draw_scale,
     class_colour,
@@ -61,8 +58,7 @@ from ..training.inference import (
 )
 from ..training.tasks import ModelSpec
 from ..weights.io import atomic_write
-from .arguments import image_size_argument
-from .common import add_threads_argument, apply_threads
+from .common import add_runtime_arguments, add_threads_argument, apply_threads, check_runtime_arguments, exported_model
 from .convert import LOADING_FLAGS, worded_in_flags
 from .runner import UsageError, command_parser, entry_point
 
@@ -94,16 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "masks and JSON stay in input pixels",
     )
     parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument(
-        "--runtime",
-        choices=("eager", *RUNTIMES),
-        default="eager",
-        help="eager (the checkpoint in PyTorch, default), or run --exported with onnxruntime, openvino or torch (.pt2)",
-    )
-    parser.add_argument("--exported", help="the checkpoint's whole-model export (pvt-export --checkpoint ...)")
-    parser.add_argument(
-        "--exported-size", type=image_size_argument, help="HxW the export takes (its pvt-export --size)"
-    )
+    add_runtime_arguments(parser)
     add_threads_argument(parser)
     return parser
 
@@ -198,17 +185,6 @@ def _predict_one(
     return record
 
 
-def _exported_model(args: argparse.Namespace, eager: nn.Module, spec: ModelSpec) -> nn.Module:
-    """``--exported`` run by ``--runtime``, called as the eager model is (the checkpoint supplies names and task)."""
-    if args.exported is None or args.exported_size is None:
-        raise UsageError(f"--runtime {args.runtime} needs --exported FILE and --exported-size HxW")
-    if not Path(args.exported).is_file():
-        raise FileNotFoundError(f"--exported {args.exported}: no such file")
-    size = (args.exported_size.height, args.exported_size.width)
-    offset = 1 if isinstance(eager, OneBasedLabels) else 0  # exports of a published RetinaNet label 0..K-1
-    return load_exported(args.exported, runtime=args.runtime, task=spec.task, size=size, label_offset=offset)
-
-
 def _read(path: Path, prog: str, skipped: list[dict[str, str]]) -> Tensor | None:
     """The (3, H, W) image at ``path``, or None after reporting why it cannot be read (one line on stderr)."""
     try:
@@ -231,13 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_draw_scale(args.scale)
     except ValueError as error:
         raise UsageError(f"--{error}") from None
+    check_runtime_arguments(args)
     images = find_images(args.input)
     with worded_in_flags(LOADING_FLAGS):
         model, spec = load_trained(
             args.checkpoint, device=setup_distributed(args.device).device, trust_pickle=args.trust_pickle
         )
-    if args.runtime != "eager":
-        model = _exported_model(args, model, spec)
+    model = exported_model(args, model, spec)
     output_dir = Path(args.output_dir)
     plan = plan_outputs(images, output_dir, masks=spec.task == "segmentation")
     output_dir.mkdir(parents=True, exist_ok=True)

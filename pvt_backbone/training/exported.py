@@ -2,9 +2,13 @@
 that :func:`~pvt_backbone.training.inference.predict` runs them unchanged (``pvt-predict --runtime``).
 
 An export takes (N, 3, H, W) RGB in [0, 1] at the size it was exported at (see :mod:`pvt_backbone.export_models`).
-:class:`ExportedDetector` fits each image into that size keeping its aspect ratio (zero padding at the bottom and
-right, as torchvision's batching pads) and maps boxes and masks back to the input's pixels; :class:`ExportedSegmenter`
-takes ImageNet-normalised images as ``PVTv2Segmenter`` does and returns logits at their size.
+:class:`ExportedDetector` fits each image into that size keeping its aspect ratio, padded at the bottom and right with
+the ImageNet mean (zero once the graph normalises, as torchvision's batching pads normalised images), and maps boxes
+(clipped to the input) and masks back to the input's pixels. An image that the eager detector resizes to the
+exported size (e.g. an export at the run's square image size, of square scenes) gives the eager detector's
+detections; where padding is needed they come close but not equal, because the graph clips proposals and boxes to
+its padded input where the eager model clips them to the image. :class:`ExportedSegmenter` takes
+ImageNet-normalised images as ``PVTv2Segmenter`` does and returns logits at their size.
 
 Example:
     A tiny Faster R-CNN exported to ONNX at 64x64, then called like the eager detector on a 50x70 image:
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image
 
 from ..detection import IMAGENET_MEAN, IMAGENET_STD
 from ..runtime import Runtime, load_runtime
@@ -34,12 +39,15 @@ __all__ = ["ExportedDetector", "ExportedSegmenter", "load_exported"]
 
 
 def _fit(image: Tensor, size: tuple[int, int]) -> tuple[Tensor, float]:
-    """(3, h, w) -> (3, H, W): resized by one factor to fit ``size``, zero-padded at the bottom and right."""
+    """(3, h, w) RGB -> (3, H, W): resized by one factor to fit ``size``, padded at the bottom and right with the
+    ImageNet mean (what the eager detector's zero padding of the normalised image is in RGB)."""
     height, width = image.shape[-2:]
     scale = min(size[0] / height, size[1] / width)
     inner = (min(size[0], round(height * scale)), min(size[1], round(width * scale)))
     resized = F.interpolate(image[None].float(), size=inner, mode="bilinear", align_corners=False)[0]
-    return F.pad(resized, (0, size[1] - inner[1], 0, size[0] - inner[0])), scale
+    fitted = resized.new_tensor(IMAGENET_MEAN).view(3, 1, 1).repeat(1, *size)
+    fitted[:, : inner[0], : inner[1]] = resized
+    return fitted, scale
 
 
 class ExportedDetector(nn.Module):
@@ -57,7 +65,8 @@ class ExportedDetector(nn.Module):
         results = []
         for image, (_, scale), output in zip(images, fitted, outputs):
             height, width = image.shape[-2:]
-            result = {"boxes": output["boxes"] / scale, "scores": output["scores"]}
+            boxes = clip_boxes_to_image(output["boxes"] / scale, (height, width))  # boxes in the padding reach past it
+            result = {"boxes": boxes, "scores": output["scores"]}
             result["labels"] = output["labels"] + self.label_offset
             if "masks" in output:
                 inner = (round(height * scale), round(width * scale))
