@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     parser.add_argument("--no-int8", action="store_true", help="skip the OpenVINO INT8 rows")
     parser.add_argument(
+        "--calibration-size", type=int, default=defaults.calibration, help="synthetic scenes to calibrate INT8 on"
+    )
+    parser.add_argument(
         "--contended", action="store_true", help="also time the runtimes with a busy-loop process on one core"
     )
     parser.add_argument("--no-detector", action="store_true", help="skip the Faster R-CNN comparison")
@@ -93,6 +96,7 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Benc
         compare_timm=not args.no_timm,
         onnx=not args.no_onnx,
         int8=not args.no_int8,
+        calibration=args.calibration_size,
         contended=args.contended,
         detector=not args.no_detector,
         checkpointing=not args.no_checkpointing,

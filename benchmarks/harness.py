@@ -42,7 +42,7 @@ from .measure import (
     matmul_peak_gflops,
     time_interleaved,
 )
-from .runtimes import measure_runtimes
+from .runtimes import RuntimeSettings, measure_runtimes
 
 __all__ = [
     "TASKS",
@@ -91,6 +91,7 @@ class BenchmarkSettings:
     compare_timm: bool = True
     onnx: bool = True  # onnxruntime and (when installed) OpenVINO fp32 rows
     int8: bool = True  # OpenVINO INT8 (NNCF) rows beside them
+    calibration: int = 32  # synthetic scenes NNCF calibrates the INT8 rows on
     contended: bool = False  # time the runtimes again with one core busy
     detector: bool = True
     checkpointing: bool = True
@@ -99,6 +100,8 @@ class BenchmarkSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.calibration < 1:
+            raise ValueError(f"calibration must be >= 1 scene, got {self.calibration}")
         for name, allowed in (("tasks", TASKS), ("dtypes", DTYPES), ("modes", MODES)):
             bad = [value for value in getattr(self, name) if value not in allowed]
             if bad or not getattr(self, name):
@@ -169,7 +172,7 @@ def run_benchmark(settings: BenchmarkSettings, *, log: Callable[[str], None] = p
     for case in sorted({*settings.cases, *(settings.train_cases or ())}, key=lambda c: (c.height * c.width, c.batch)):
         _measure_case(report, models, case, build, settings, device, log)
     if settings.onnx:
-        _measure_onnx(report, models["ours"], settings, device, build, log)
+        _measure_onnx(report, models["ours"], settings, device, log)
     if settings.checkpointing:
         _measure_checkpointing(report, settings, device, log)
     if settings.detector:
@@ -252,28 +255,29 @@ def _measure_onnx(
     model: nn.Module,
     settings: BenchmarkSettings,
     device: torch.device,
-    build: Callable[[], nn.Module],
     log: Callable[[str], None],
 ) -> None:
-    """Our classifier exported once (dynamic batch/H/W) and run by onnxruntime and OpenVINO (fp32, INT8) on CPU at
-    every inference case (see :mod:`benchmarks.runtimes`)."""
+    """Our backbone (the classifier's weights) in eager fp32/bf16, beside timm's and in onnxruntime and OpenVINO
+    (fp32, bf16, INT8) on CPU at every inference case (see :mod:`benchmarks.runtimes`)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         report.notes.append("ONNX: skipped (onnxruntime not installed)")
         return
-    if settings.variant == "b2_li":
-        report.notes.append("ONNX: skipped for b2_li (adaptive pooling needs one fixed size per export)")
-        return
+    runtime_settings = RuntimeSettings(
+        int8=settings.int8,
+        calibration=settings.calibration,
+        contended=settings.contended,
+        threads=torch.get_num_threads(),
+        timm_peer=settings.compare_timm,
+    )
     rows, notes = measure_runtimes(
-        model,
+        model.cpu(),
         settings.cases,
         variant=settings.variant,
         iterations=settings.iterations,
         warmup=settings.warmup,
-        int8=settings.int8,
-        contended=settings.contended,
-        build=build,
+        settings=runtime_settings,
         log=log,
     )
     report.measurements.extend(rows)

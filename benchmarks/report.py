@@ -95,8 +95,31 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _series(report: Report, task: str) -> dict[str, list[tuple[float, float, str]]]:
+    """(megapixels, images/s, size) per line of the plot: the runtime rows (backbone) when the report has them,
+    else the fp32 eager classifiers, ours and timm; batch 1, quiet runs only."""
+    runtime_rows = [m for m in report.measurements if m.impl.startswith(("ours-", "timm-"))]
+    rows = runtime_rows or [m for m in report.measurements if m.impl in ("ours", "timm") and m.dtype == "fp32"]
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for m in rows:
+        if m.task != task or _batch_of(m.case) != 1 or m.model == "detector" or not m.median_s:
+            continue
+        if "contended" in m.mode or m.mode not in ("eager", "onnxruntime", "openvino"):
+            continue
+        height, width = (int(v) for v in m.case.split()[0].split("x"))
+        runtime = {
+            "ours-eager": "pvt_backbone eager",
+            "timm-features": "timm eager",
+            "ours": "pvt_backbone eager",
+            "timm": "timm eager",
+        }.get(m.impl, m.impl.removeprefix("ours-"))
+        series.setdefault(f"{runtime} {m.dtype}", []).append((height * width / 1e6, 1 / m.median_s, m.case.split()[0]))
+    return series
+
+
 def plot_throughput(report: Report, path: str | os.PathLike[str], *, task: str = "inference") -> Path | None:
-    """PNG of fp32 eager throughput (images/s) vs input megapixels at batch 1, ours vs timm (and ONNX Runtime).
+    """PNG of throughput (images/s) vs input megapixels at batch 1: every runtime row (our backbone in eager fp32 and
+    bf16, timm's, onnxruntime, OpenVINO fp32/bf16/INT8) when the report has them, else ours vs timm eager fp32.
 
     Returns ``None`` without matplotlib (install the ``bench`` extra).
     """
@@ -104,15 +127,7 @@ def plot_throughput(report: Report, path: str | os.PathLike[str], *, task: str =
         from matplotlib.figure import Figure  # optional (bench extra); no pyplot, so no global backend change
     except ImportError:
         return None
-    series: dict[str, list[tuple[float, float, str]]] = {}
-    for m in report.measurements:
-        if m.task != task or m.dtype != "fp32" or m.mode not in ("eager", "onnx") or _batch_of(m.case) != 1:
-            continue
-        if m.model == "detector" or not m.median_s:
-            continue
-        height, width = (int(v) for v in m.case.split()[0].split("x"))
-        label = {"ours": "pvt_backbone (eager)", "timm": "timm (eager)"}.get(m.impl, "pvt_backbone (ONNX Runtime)")
-        series.setdefault(label, []).append((height * width / 1e6, 1 / m.median_s, m.case.split()[0]))
+    series = _series(report, task)
     if not series:
         return None
     figure = Figure(figsize=(6.4, 4.2), dpi=120)
@@ -120,16 +135,16 @@ def plot_throughput(report: Report, path: str | os.PathLike[str], *, task: str =
     for label, points in series.items():
         points.sort()
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        if label.startswith("pvt_backbone (eager"):
+        if label == "pvt_backbone eager fp32":
             for x, y, name in points:
                 axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("input megapixels (batch 1)")
     axis.set_ylabel("images / s")
-    axis.set_title(f"PVTv2-{report.settings.get('variant')} {task}, fp32, {report.machine.get('cpu')}", fontsize=9)
+    axis.set_title(f"PVTv2-{report.settings.get('variant')} {task}, {report.machine.get('cpu')}", fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=7)
     figure.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,23 @@
-"""Deployment runtimes timed beside each other: onnxruntime fp32, OpenVINO fp32 and OpenVINO INT8 (NNCF) of the
-same classifier (same weights as the eager rows), each checked against the eager logits before any timing
-(fp32: max |diff| <= 1e-4; INT8: logit cosine similarity, reported), then timed interleaved. With ``contended``
-every runtime is timed a second time while a busy-loop child process pinned to one core competes for the CPU, and
-the note gives the contended / quiet median ratio.
+"""Deployment runtimes timed beside our eager backbone: timm, eager bf16, onnxruntime, OpenVINO fp32/bf16/INT8.
+
+Model: the backbone (:class:`PVTv2Backbone`, four stage maps) with the weights of the classifier timed in the main
+table, because a deployment exports the backbone or a whole detector, and the stage maps are what a detector reads.
+timm's peer is ``timm.create_model(..., features_only=True)`` with the same weights. Inputs are held-out synthetic
+scenes (the "val" split, ImageNet-normalised), so quantization ranges meet image-like activations.
+
+Rows per case, all timed in the same interleaved rounds:
+
+* ``eager fp32``: the reference; ``timm`` fp32 (where timm is installed); ``eager bf16`` under CPU autocast (only
+  where oneDNN has native bf16 kernels);
+* ``onnxruntime fp32``: the dynamic-shape ONNX export (batch, height, width), one file for every case;
+* ``openvino fp32`` / ``bf16`` / ``int8``: the same ONNX file fixed to the case's static shape, which is how one
+  deploys it (:func:`~pvt_backbone.export_openvino.convert_openvino` ``shape=``); bf16 where the CPU plugin reports
+  it; INT8 is NNCF post-training quantization calibrated on ``calibration`` scenes of the "train" split.
+
+Checked before timing: fp32 rows within ``FP32_ATOL`` of eager on every stage (else ``AssertionError``); bf16 and INT8
+rows report the cosine similarity of each stage map to eager fp32, averaged over ``ACCURACY_IMAGES`` held-out scenes,
+and the note gives the lowest stage. With ``contended`` every row is timed again while a busy-loop child process
+pinned to core 0 competes for the CPU; the note gives the contended / quiet median ratio, and ours / timm.
 """
 
 from __future__ import annotations
@@ -10,23 +25,50 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from pvt_backbone import PVTv2Backbone
+from pvt_backbone.amp import autocast
 from pvt_backbone.cli.arguments import ImageSize
 from pvt_backbone.export import export_onnx, onnxruntime_session
+from pvt_backbone.weights import load_weights
 
-from .measure import Measurement, count_gflop, time_interleaved
+from .measure import Measurement, count_gflop, cpu_bf16_kernels, time_interleaved
 
-__all__ = ["FP32_ATOL", "busy_core", "runtime_steps", "measure_runtimes"]
+__all__ = [
+    "FP32_ATOL",
+    "ACCURACY_IMAGES",
+    "RuntimeSettings",
+    "busy_core",
+    "backbone_models",
+    "scene_images",
+    "runtime_runs",
+    "measure_runtimes",
+]
 
 FP32_ATOL = 1e-4
-Step = Callable[[], None]
+ACCURACY_IMAGES = 8
+Run = Callable[[Tensor], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What :func:`measure_runtimes` times: the INT8 rows (and on how many calibration scenes), contention, threads,
+    and whether timm's backbone runs beside ours."""
+
+    int8: bool = True
+    calibration: int = 32
+    contended: bool = False
+    threads: int = 1
+    timm_peer: bool = True
 
 
 def _spin() -> None:  # pragma: no cover - runs in the child process
@@ -48,112 +90,166 @@ def busy_core(core: int = 0) -> Iterator[None]:
         child.join(timeout=10)
 
 
-def _int8_model(onnx_path: Path, case: ImageSize) -> object:
-    from pvt_backbone.export_openvino import calibration_images, convert_openvino, quantize_openvino
+def backbone_models(classifier: nn.Module, variant: str, *, timm_peer: bool = True) -> dict[str, nn.Module]:
+    """Our backbone (``"eager"``) and, if timm is installed and ``timm_peer``, timm's ``features_only`` model
+    (``"timm"``), both with ``classifier``'s weights (its head dropped), in eval mode on CPU."""
+    ours = getattr(PVTv2Backbone, variant)()
+    load_weights(ours, {key: value.cpu() for key, value in classifier.state_dict().items()})
+    models = {"eager": ours.eval()}
+    if timm_peer:
+        try:
+            import timm
+        except ImportError:  # pragma: no cover - timm is a benchmark extra
+            return models
+        peer = timm.create_model(f"pvt_v2_{variant}", pretrained=False, features_only=True)
+        # timm's feature wrapper names the stage modules stages_N
+        peer.load_state_dict(
+            {re.sub(r"^stages\.(\d+)", r"stages_\1", key): value for key, value in ours.state_dict().items()}
+        )
+        models["timm"] = peer.eval()
+    return models
+
+
+def scene_images(count: int, case: ImageSize, split: str) -> Tensor:
+    """(count, 3, H, W) ImageNet-normalised synthetic scenes of ``split`` at the case's size."""
+    from pvt_backbone.export_openvino import calibration_images
     from pvt_backbone.training.evaluation import normalize_images
 
-    images = calibration_images("synthetic", 8, (case.height, case.width))
-    return quantize_openvino(convert_openvino(onnx_path), images, preprocess=normalize_images)
+    return normalize_images(calibration_images("synthetic", count, (case.height, case.width), split=split))
 
 
-def runtime_steps(
-    onnx_path: Path, model: nn.Module, images: Tensor, *, int8: bool, threads: int
-) -> tuple[dict[str, Step], dict[str, str]]:
-    """One step per available runtime on ``images`` and a note each (checked against eager ``model`` first).
+def _eager(model: nn.Module, *, bf16: bool = False) -> Run:
+    def run(x: Tensor) -> list[Tensor]:
+        with torch.inference_mode(), autocast("cpu", enabled=bf16):
+            outputs = model(x)
+        return list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
 
-    Raises ``AssertionError`` when an fp32 runtime differs from eager by more than ``FP32_ATOL``.
-    """
-    with torch.inference_mode():
-        expected = model(images)
-    session = onnxruntime_session(onnx_path, threads=threads)
-    feed = {session.get_inputs()[0].name: images.numpy()}
-    def eager() -> Tensor:
-        with torch.inference_mode():
-            return model(images)
+    return run
 
-    # eager is timed in the same interleaved rounds as the runtimes (and beside them under --contended)
-    outputs = {"eager fp32": eager, "onnxruntime fp32": lambda: torch.from_numpy(session.run(None, feed)[0])}
+
+def _openvino_runs(onnx_path: Path, case: ImageSize, settings: RuntimeSettings) -> dict[str, Run]:
+    """OpenVINO fp32 (and bf16, INT8 as available and selected) of the export fixed to ``case``'s shape."""
     try:
-        from pvt_backbone.export_openvino import compile_openvino, convert_openvino, run_openvino
+        from pvt_backbone import export_openvino as ov
     except ImportError:  # pragma: no cover - openvino is optional
-        compile_openvino = None
-    if compile_openvino is not None:
-        fp32 = compile_openvino(convert_openvino(onnx_path), threads=threads)
-        outputs["openvino fp32"] = lambda: run_openvino(fp32, images)[0]
-        if int8:
-            quantized = compile_openvino(
-                _int8_model(onnx_path, ImageSize(*images.shape[-2:], images.shape[0])), threads=threads
-            )
-            outputs["openvino int8"] = lambda: run_openvino(quantized, images)[0]
-    notes = {}
-    for name, run in outputs.items():
-        if name == "eager fp32":
-            notes[name] = "the reference"
-            continue
-        got = run().float()
-        if name.endswith("int8"):
-            cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
-            notes[name] = f"logit cosine vs eager fp32 {cosine:.4f}"
-            continue
-        diff = (got - expected).abs().max().item()
-        if diff > FP32_ATOL:
-            raise AssertionError(f"{name} differs from eager by {diff:.3g} > {FP32_ATOL}; not timing")
-        notes[name] = f"max abs diff vs eager {diff:.1e}"
-    return {name: _discarding(run) for name, run in outputs.items()}, notes
+        return {}
+    shape = (case.batch, 3, case.height, case.width)
+    static = ov.convert_openvino(onnx_path, shape=shape)
+    runs: dict[str, Run] = {}
+    for precision in ("f32", "bf16") if ov.openvino_bf16_supported() else ("f32",):
+        compiled = ov.compile_openvino(static, threads=settings.threads, precision=precision)
+        runs[f"openvino {'fp32' if precision == 'f32' else precision}"] = _compiled_run(ov.run_openvino, compiled)
+    if settings.int8:
+        single = ov.convert_openvino(onnx_path, shape=(1, *shape[1:]))  # calibrated one scene at a time
+        calibration = scene_images(settings.calibration, case, "train")
+        quantized = ov.quantize_openvino(single, calibration)
+        if case.batch != 1:
+            quantized.reshape(list(shape))
+        runs["openvino int8"] = _compiled_run(ov.run_openvino, ov.compile_openvino(quantized, threads=settings.threads))
+    return runs
 
 
-def _discarding(run: Callable[[], Tensor]) -> Step:
-    def step() -> None:
-        run()
+def _compiled_run(run_openvino: Callable[[object, Tensor], list[Tensor]], compiled: object) -> Run:
+    return lambda x: run_openvino(compiled, x)
 
-    return step
+
+def runtime_runs(
+    onnx_path: Path, models: dict[str, nn.Module], case: ImageSize, settings: RuntimeSettings
+) -> dict[str, Run]:
+    """Every available row for ``case`` (see the module docstring), keyed ``"<runtime> <dtype>"``."""
+    runs: dict[str, Run] = {"eager fp32": _eager(models["eager"])}
+    if "timm" in models:
+        runs["timm fp32"] = _eager(models["timm"])
+    if cpu_bf16_kernels():
+        runs["eager bf16"] = _eager(models["eager"], bf16=True)
+    session = onnxruntime_session(onnx_path, threads=settings.threads)
+    name = session.get_inputs()[0].name
+    runs["onnxruntime fp32"] = lambda x: [torch.from_numpy(out) for out in session.run(None, {name: x.numpy()})]
+    runs.update(_openvino_runs(onnx_path, case, settings))
+    return runs
+
+
+def _accuracy_note(name: str, run: Run, reference: Run, images: Tensor, batch: int) -> str:
+    """The fp32 check (raises) or the per-stage cosine similarity of a reduced-precision row."""
+    from pvt_backbone.export_openvino import output_cosines
+
+    if name.endswith("fp32"):
+        worst = 0.0
+        for start in range(0, images.shape[0], batch):
+            x = images[start : start + batch]
+            for want, got in zip(reference(x), run(x), strict=True):
+                worst = max(worst, (got.float() - want).abs().max().item())
+        if worst > FP32_ATOL:
+            raise AssertionError(f"{name} differs from eager by {worst:.3g} > {FP32_ATOL}; not timing")
+        return f"max abs diff vs eager {worst:.1e}"
+    cosines = output_cosines(reference, run, images, batch=batch)
+    return f"stage cosine vs eager fp32: min {min(cosines):.4f} ({', '.join(f'{c:.4f}' for c in cosines)})"
+
+
+def _impl_and_mode(runtime: str) -> tuple[str, str]:
+    if runtime == "timm":
+        return "timm-features", "eager"
+    return f"ours-{runtime}", runtime
+
+
+def _rows(
+    case: ImageSize, variant: str, gflop: float, quiet: dict, busy: dict, notes: dict[str, str]
+) -> list[Measurement]:
+    """Measurements for one case: each row quiet, then (if timed) contended, with ours / timm under contention."""
+    rows = []
+    for name, times in quiet.items():
+        runtime, dtype = name.split()
+        impl, mode = _impl_and_mode(runtime)
+        m = Measurement(impl, variant, "inference", dtype, mode, str(case), times, gflop)
+        m.note = notes[name]
+        rows.append(m)
+        if busy:
+            c = Measurement(impl, variant, "inference", dtype, f"{mode} contended", str(case), busy[name], gflop)
+            c.note = f"one core busy: {c.median_s / m.median_s:.2f}x the quiet median"
+            if name == "eager fp32" and "timm fp32" in busy:
+                peer = Measurement("timm", variant, "inference", dtype, "", str(case), busy["timm fp32"])
+                c.note += f"; {peer.median_s / c.median_s:.2f}x timm's contended median"
+            rows.append(c)
+    return rows
 
 
 def measure_runtimes(
-    model: nn.Module,
-    cases: tuple[ImageSize, ...],
+    classifier: nn.Module,
+    cases: Sequence[ImageSize],
     *,
     variant: str,
     iterations: int,
     warmup: int,
-    int8: bool,
-    contended: bool,
-    build: Callable[[], nn.Module],
+    settings: RuntimeSettings,
     log: Callable[[str], None],
 ) -> tuple[list[Measurement], list[str]]:
     """Rows for every runtime at every case (see the module docstring) and notes for the report."""
-    cpu_model = model.to("cpu").eval()
+    models = backbone_models(classifier, variant, timm_peer=settings.timm_peer)
+    build = getattr(PVTv2Backbone, variant)
     rows: list[Measurement] = []
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
-        path = export_onnx(cpu_model, torch.randn(1, 3, 224, 224), Path(directory) / "model.onnx")
-        notes = [f"ONNX: exported once with dynamic batch/H/W in {time.perf_counter() - start:.0f} s"]
+        path = export_onnx(models["eager"], torch.randn(1, 3, 224, 224), Path(directory) / "backbone.onnx")
+        notes = [
+            f"runtimes: the backbone exported once to ONNX (dynamic batch/H/W) in {time.perf_counter() - start:.0f} s"
+        ]
         for case in cases:
-            images = torch.randn(case.batch, 3, case.height, case.width)
-            steps, step_notes = runtime_steps(path, cpu_model, images, int8=int8, threads=torch.get_num_threads())
-            gflop = count_gflop(build, case, "inference")
+            count = max(ACCURACY_IMAGES // case.batch, 1) * case.batch
+            images = scene_images(count, case, "val")
+            runs = runtime_runs(path, models, case, settings)
+            step_notes = {"eager fp32": "the reference"}
+            for name, run in runs.items():
+                if name != "eager fp32":
+                    step_notes[name] = _accuracy_note(name, run, runs["eager fp32"], images, case.batch)
+            timed = images[: case.batch]
+            steps = {name: (lambda run=run, x=timed: run(x)) for name, run in runs.items()}
             quiet = time_interleaved(steps, iterations=iterations, warmup=warmup, device=torch.device("cpu"))
             busy = {}
-            if contended:
+            if settings.contended:
                 with busy_core(0):
                     busy = time_interleaved(steps, iterations=iterations, warmup=warmup, device=torch.device("cpu"))
-            for name in steps:
-                runtime, dtype = name.split()
-                m = Measurement(f"ours-{runtime}", variant, "inference", dtype, runtime, str(case), quiet[name], gflop)
-                m.note = step_notes[name]
-                rows.append(m)
-                if busy:
-                    c = Measurement(
-                        f"ours-{runtime}",
-                        variant,
-                        "inference",
-                        dtype,
-                        f"{runtime} contended",
-                        str(case),
-                        busy[name],
-                        gflop,
-                    )
-                    c.note = f"one core busy: {c.median_s / m.median_s:.2f}x the quiet median"
-                    rows.append(c)
-                log(f"{name} {case}: median {m.median_s * 1e3:.1f} ms ({m.note})")
+            case_rows = _rows(case, variant, count_gflop(build, case, "inference"), quiet, busy, step_notes)
+            rows.extend(case_rows)
+            for m in case_rows:
+                log(f"{m.impl} {m.mode} {m.dtype} {case}: median {m.median_s * 1e3:.1f} ms ({m.note})")
     return rows, notes

@@ -33,12 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_float, check_int
+from .checks import check_choice, check_float, check_int
 from .export import Verification, _compare, _flatten
 from .weights.io import atomic_write
 
 __all__ = [
     "SYNTHETIC",
+    "PRECISIONS",
+    "openvino_bf16_supported",
     "convert_openvino",
     "compile_openvino",
     "save_openvino",
@@ -47,10 +49,12 @@ __all__ = [
     "export_verified_openvino",
     "calibration_images",
     "quantize_openvino",
+    "output_cosines",
     "feature_cosine",
 ]
 
 SYNTHETIC = "synthetic"
+PRECISIONS = ("f32", "bf16")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -62,22 +66,43 @@ def _openvino() -> Any:
     return openvino
 
 
-def convert_openvino(onnx_path: str | os.PathLike[str]) -> Any:
-    """``openvino.convert_model`` of an ONNX file -> ``openvino.Model`` (names and dynamic dimensions kept)."""
+def convert_openvino(onnx_path: str | os.PathLike[str], *, shape: Sequence[int] | None = None) -> Any:
+    """``openvino.convert_model`` of an ONNX file -> ``openvino.Model`` (names and dynamic dimensions kept).
+
+    ``shape`` (e.g. ``(1, 3, 512, 512)``) fixes the input to one static shape: the CPU plugin then plans memory and
+    picks kernels for that shape once, which runs faster than the dynamic graph (README, "Runtimes").
+    """
     source = Path(onnx_path)
     if not source.is_file():
         raise FileNotFoundError(f"no ONNX file at {source}")
-    return _openvino().convert_model(str(source))
+    model = _openvino().convert_model(str(source))
+    if shape is not None:
+        dims = [int(side) for side in shape]
+        if len(dims) != 4 or min(dims) < 1:
+            raise ValueError(f"shape must be four positive sizes (B, C, H, W), got {tuple(shape)}")
+        model.reshape(dims)
+    return model
 
 
-def compile_openvino(model: Any, *, threads: int | None = None) -> Any:
-    """Compile an ``openvino.Model`` (or a ``.xml``/``.onnx`` path) for CPU; ``threads`` inference threads."""
-    # f32: some CPUs default to bf16 inference, which misses the fp32 tolerance by orders of magnitude
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+def compile_openvino(model: Any, *, threads: int | None = None, precision: str = "f32") -> Any:
+    """Compile an ``openvino.Model`` (or a ``.xml``/``.onnx`` path) for CPU; ``threads`` inference threads.
+
+    ``precision`` is the CPU plugin's inference precision for the layers that are not quantized: ``"f32"`` (the
+    exported function within float rounding) or ``"bf16"`` (needs a CPU with bf16 instructions, see
+    :func:`openvino_bf16_supported`; outputs move by about 1e-2 relative).
+    """
+    check_choice("precision", precision, PRECISIONS)
+    # explicit even for f32: some CPUs default to bf16 inference, which misses the fp32 tolerance by far
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
     source = str(model) if isinstance(model, (str, os.PathLike)) else model
     return _openvino().Core().compile_model(source, "CPU", config)
+
+
+def openvino_bf16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin reports bf16 execution on this machine (AVX512-BF16 or AMX)."""
+    return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def run_openvino(compiled: Any, images: Tensor) -> list[Tensor]:
@@ -188,17 +213,39 @@ def quantize_openvino(model: Any, images: Tensor, *, preprocess: Callable[[Tenso
     )
 
 
+def output_cosines(
+    reference: Callable[[Tensor], Sequence[Tensor]],
+    candidate: Callable[[Tensor], Sequence[Tensor]],
+    images: Tensor,
+    *,
+    batch: int = 1,
+) -> list[float]:
+    """Per output of ``reference``, the mean over images of the cosine similarity of ``candidate``'s output to it,
+    each image's output flattened (e.g. a backbone's four stages: INT8 against fp32). ``images`` (N, 3, H, W) go
+    through both ``batch`` at a time (a static-shape model needs its own batch size; N must be a multiple)."""
+    check_int("batch", batch, minimum=1)
+    if images.shape[0] == 0 or images.shape[0] % batch:
+        raise ValueError(f"the number of images ({images.shape[0]}) must be a positive multiple of batch={batch}")
+    sums: list[float] = []
+    for start in range(0, images.shape[0], batch):
+        x = images[start : start + batch]
+        pairs = list(zip(reference(x), candidate(x), strict=True))
+        if not pairs:
+            raise ValueError("output_cosines needs models with at least one output")
+        sums = sums or [0.0] * len(pairs)
+        for index, (want, got) in enumerate(pairs):
+            want, got = torch.as_tensor(want).float().flatten(1), torch.as_tensor(got).float().flatten(1)
+            sums[index] += F.cosine_similarity(want, got, dim=1).sum().item()
+    return [total / images.shape[0] for total in sums]
+
+
 def feature_cosine(
     reference: Callable[[Tensor], Sequence[Tensor]], candidate: Callable[[Tensor], Sequence[Tensor]], images: Tensor
 ) -> float:
     """Mean over images and outputs of the cosine similarity of ``candidate``'s outputs to ``reference``'s, each
-    output flattened per image (e.g. ``lambda x: run_openvino(int8, x)`` against the fp32 model)."""
-    similarities = []
-    for i in range(images.shape[0]):
-        x = images[i : i + 1]
-        for want, got in zip(reference(x), candidate(x), strict=True):
-            want, got = torch.as_tensor(want).float().flatten(), torch.as_tensor(got).float().flatten()
-            similarities.append(F.cosine_similarity(want, got, dim=0).item())
-    if not similarities:
+    output flattened per image (e.g. ``lambda x: run_openvino(int8, x)`` against the fp32 model); the mean of
+    :func:`output_cosines`."""
+    if images.shape[0] == 0:
         raise ValueError("feature_cosine needs at least one image and one output")
-    return sum(similarities) / len(similarities)
+    cosines = output_cosines(reference, candidate, images)
+    return sum(cosines) / len(cosines)

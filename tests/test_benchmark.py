@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from benchmarks import cli as benchmark_cli
 from benchmarks.harness import BenchmarkSettings, Report, check_same_outputs, run_benchmark, settings_from
-from benchmarks.measure import Measurement, PeakMemory, matmul_peak_gflops, time_interleaved
+from benchmarks.measure import Measurement, PeakMemory, cpu_bf16_kernels, matmul_peak_gflops, time_interleaved
 from benchmarks.report import plot_throughput, to_json, to_markdown
 from benchmarks.targets import summarize_targets
 from pvt_backbone import pvt_v2_b0
@@ -182,9 +183,10 @@ def test_matmul_peak_runs_in_the_requested_dtype(dtype: torch.dtype, monkeypatch
     assert seen == [(dtype, (64, 64))] * 3  # one warm-up, then the timed repeats
 
 
-def test_runtime_rows_are_checked_timed_and_contended() -> None:
+def test_runtime_rows_are_checked_timed_and_contended(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
+    pytest.importorskip("timm")
     settings = BenchmarkSettings(
         variant="b0",
         cases=(ImageSize(64, 64, 1),),
@@ -192,7 +194,6 @@ def test_runtime_rows_are_checked_timed_and_contended() -> None:
         dtypes=("fp32",),
         iterations=2,
         warmup=0,
-        compare_timm=False,
         contended=True,
         detector=False,
         checkpointing=False,
@@ -201,10 +202,16 @@ def test_runtime_rows_are_checked_timed_and_contended() -> None:
     report = run_benchmark(settings, log=lambda line: None)
     rows = {(m.impl, m.dtype, m.mode): m for m in report.measurements}
     assert not any(m.dtype == "int8" for m in report.measurements)
-    for impl, dtype in (("ours-onnxruntime", "fp32"), ("ours-openvino", "fp32")):
-        runtime = impl.removeprefix("ours-")
-        quiet, busy = rows[(impl, dtype, runtime)], rows[(impl, dtype, f"{runtime} contended")]
+    for impl, mode in (("ours-eager", "eager"), ("ours-onnxruntime", "onnxruntime"), ("ours-openvino", "openvino")):
+        quiet, busy = rows[(impl, "fp32", mode)], rows[(impl, "fp32", f"{mode} contended")]
         assert len(quiet.times) == 2 and quiet.median_s and busy.median_s
         assert "x the quiet median" in busy.note
     assert "max abs diff vs eager" in rows[("ours-openvino", "fp32", "openvino")].note
+    assert "x timm's contended median" in rows[("ours-eager", "fp32", "eager contended")].note
+    assert rows[("timm-features", "fp32", "eager")].note.startswith("max abs diff vs eager")
     assert "| ours-openvino (openvino contended) inference fp32 | 64x64 b1 |" in to_markdown(report)
+    if cpu_bf16_kernels():
+        note = rows[("ours-eager", "bf16", "eager")].note
+        assert 0.99 <= float(note.removeprefix("stage cosine vs eager fp32: min ").split()[0]) <= 1.0
+    if importlib.util.find_spec("matplotlib"):
+        assert plot_throughput(report, tmp_path / "runtimes.png") is not None
