@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--contended", action="store_true", help="also time the runtimes with a busy-loop process on one core"
     )
     parser.add_argument("--no-detector", action="store_true", help="skip the Faster R-CNN comparison")
+    parser.add_argument(
+        "--detector-runtimes",
+        action="store_true",
+        help="also time whole RetinaNet and Faster R-CNN exports in onnxruntime and OpenVINO at 800x1344",
+    )
     parser.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing memory rows")
     parser.add_argument("--checkpointing-size", type=image_size_argument, default=defaults.checkpointing_case)
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on CPUs without bf16 kernels (slow)")
@@ -99,6 +104,7 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Benc
         calibration=args.calibration_size,
         contended=args.contended,
         detector=not args.no_detector,
+        detector_runtimes=args.detector_runtimes,
         checkpointing=not args.no_checkpointing,
         checkpointing_case=args.checkpointing_size,
         force_bf16=args.force_bf16,

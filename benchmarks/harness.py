@@ -32,6 +32,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from pvt_backbone import create_model, load_weights
 from pvt_backbone.cli.arguments import ImageSize
 
+from .detector_runtimes import measure_detector_runtimes
 from .measure import (
     Measurement,
     PeakMemory,
@@ -94,6 +95,7 @@ class BenchmarkSettings:
     calibration: int = 32  # synthetic scenes NNCF calibrates the INT8 rows on
     contended: bool = False  # time the runtimes again with one core busy
     detector: bool = True
+    detector_runtimes: bool = False  # whole RetinaNet / Faster R-CNN in eager, onnxruntime and OpenVINO
     checkpointing: bool = True
     checkpointing_case: ImageSize = ImageSize(512, 512, 1)
     force_bf16: bool = False
@@ -177,6 +179,16 @@ def run_benchmark(settings: BenchmarkSettings, *, log: Callable[[str], None] = p
         _measure_checkpointing(report, settings, device, log)
     if settings.detector:
         _measure_detector(report, settings, device, log)
+    if settings.detector_runtimes:
+        rows, notes = measure_detector_runtimes(
+            settings.variant,
+            iterations=max(1, settings.iterations // 2),
+            warmup=settings.warmup,
+            threads=torch.get_num_threads(),
+            log=log,
+        )
+        report.measurements.extend(rows)
+        report.notes.extend(notes)
     return report
 
 

@@ -85,7 +85,7 @@ def to_markdown(report: Report) -> str:
     if others:
         lines += ["", "| what | input | img/s | median (s) | peak mem (MiB) | note |", "|---|---|---:|---:|---:|---|"]
         for m in others:
-            what = f"{m.impl} ({m.mode})" if m.model != "detector" else m.impl
+            what = f"{m.impl} ({m.mode})" if m.model != "detector" or m.mode != "eager" else m.impl
             lines.append(
                 f"| {what} {m.task} {m.dtype} | {m.case} | {_fmt(m.images_per_s(_batch_of(m.case)), '{:.2f}')} | "
                 f"{_fmt(m.median_s, '{:.3f}')} | {_fmt(m.peak_memory_mib, '{:.0f}')} | {m.note} |"

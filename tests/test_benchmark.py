@@ -215,3 +215,19 @@ def test_runtime_rows_are_checked_timed_and_contended(tmp_path: Path) -> None:
         assert 0.99 <= float(note.removeprefix("stage cosine vs eager fp32: min ").split()[0]) <= 1.0
     if importlib.util.find_spec("matplotlib"):
         assert plot_throughput(report, tmp_path / "runtimes.png") is not None
+
+
+def test_with_detections_gives_random_detectors_work_for_nms() -> None:
+    from benchmarks.detector_runtimes import with_detections
+    from pvt_backbone.detection import fasterrcnn_pvt_v2_fpn, retinanet_pvt_v2_fpn
+
+    torch.manual_seed(0)
+    image = [torch.rand(3, 96, 96)]
+    for build in (retinanet_pvt_v2_fpn, fasterrcnn_pvt_v2_fpn):
+        detector = build("b0", num_classes=91, min_size=96, max_size=96).eval()
+        with torch.no_grad():
+            assert len(detector(image)[0]["boxes"]) == 0  # random weights score below the threshold
+            found = with_detections(detector)(image)[0]
+        assert len(found["boxes"]) > 1 and set(found["labels"].tolist()) == {1}
+    with pytest.raises(TypeError, match="expected a RetinaNet or Faster R-CNN, got Linear"):
+        with_detections(torch.nn.Linear(2, 2))
