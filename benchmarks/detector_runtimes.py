@@ -1,13 +1,14 @@
 """Whole detectors timed in eager PyTorch, onnxruntime and OpenVINO fp32: RetinaNet and Faster R-CNN with our backbone.
 
-Each detector (random weights, 91 classes, torchvision's default thresholds; one class's classification bias raised
-by ``SCORE_BIAS`` so that candidates pass the score threshold and NMS has work, which random weights alone never give)
-is exported whole with
+Each detector (random weights, 91 classes, torchvision's default thresholds) gets one class's classification layer
+raised (:func:`with_detections`) so that candidates pass the score threshold and NMS has work, which random weights
+alone never give, with scores spread out so that no two candidates near the cut-off tie. It is exported whole with
 :func:`pvt_backbone.export_models.export_model_onnx` at ``size`` (a multiple of 32: 800x1333 is padded to 800x1344, as
 torchvision's transform pads it), so normalisation, box decoding and NMS run inside every runtime. The eager row is
 :func:`~pvt_backbone.export_models.eager_detections` (the torchvision detector at that size, its resize off): the
 function the exports compute. Before timing, each runtime's detections are compared with eager
-(:func:`~pvt_backbone.export_models.verify_model_outputs`, scores within 1e-3); a mismatch raises ``AssertionError``.
+(:func:`~pvt_backbone.export_models.verify_model_outputs`, scores within 1e-3); a runtime that disagrees is not
+timed, and the report's notes say so.
 OpenVINO gets the export fixed to the static input shape, as for the backbone rows.
 """
 
@@ -29,9 +30,10 @@ from pvt_backbone.export_models import eager_detections, export_model_onnx, veri
 
 from .measure import Measurement, time_interleaved
 
-__all__ = ["DETECTOR_SIZE", "DETECTORS", "SCORE_BIAS", "with_detections", "measure_detector_runtimes"]
+__all__ = ["DETECTOR_SIZE", "DETECTORS", "SCORE_BIAS", "SCORE_SPREAD", "with_detections", "measure_detector_runtimes"]
 
-SCORE_BIAS = 4.0
+SCORE_BIAS = 2.0
+SCORE_SPREAD = 30.0
 
 DETECTOR_SIZE = ImageSize(800, 1344, 1)
 DETECTORS: dict[str, Callable[..., torch.nn.Module]] = {
@@ -41,12 +43,15 @@ DETECTORS: dict[str, Callable[..., torch.nn.Module]] = {
 
 
 def with_detections(detector: torch.nn.Module, *, label: int = 1) -> torch.nn.Module:
-    """``detector`` (RetinaNet or an R-CNN) with class ``label``'s classification bias raised by ``SCORE_BIAS``."""
+    """``detector`` (RetinaNet or an R-CNN) with class ``label``'s classification bias raised by ``SCORE_BIAS`` and its
+    weights scaled by ``SCORE_SPREAD`` (random initial weights give nearly equal logits everywhere)."""
     with torch.no_grad():
         if isinstance(detector, RetinaNet):
             head = detector.head.classification_head
+            head.cls_logits.weight.view(head.num_anchors, head.num_classes, -1)[:, label] *= SCORE_SPREAD
             head.cls_logits.bias.view(head.num_anchors, head.num_classes)[:, label] += SCORE_BIAS
         elif isinstance(detector, FasterRCNN):
+            detector.roi_heads.box_predictor.cls_score.weight[label] *= SCORE_SPREAD
             detector.roi_heads.box_predictor.cls_score.bias[label] += SCORE_BIAS
         else:
             raise TypeError(f"expected a RetinaNet or Faster R-CNN, got {type(detector).__name__}")
@@ -95,7 +100,10 @@ def measure_detector_runtimes(
             }
             for name, check in checks.items():
                 if not check.ok:
-                    raise AssertionError(f"{kind} in {name}: detections differ from eager by {check.max_abs_diff:.3g}")
+                    del runs[name]
+                    notes.append(
+                        f"{kind} in {name}: detections differ from eager by {check.max_abs_diff:.3g}; not timed"
+                    )
             found = len(eager_detections(detector, images)[0]["boxes"])
             notes.append(
                 f"{kind}_pvt_v2_{variant}_fpn: exported whole and checked in {time.perf_counter() - start:.0f} s; "

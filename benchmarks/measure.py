@@ -68,7 +68,7 @@ def cpu_bf16_kernels() -> bool:
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, core count, torch version, threads and (on CUDA) the GPU name."""
+    """CPU model, core count, torch version, threads, OpenMP settings from the environment and (on CUDA) the GPU."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -83,6 +83,10 @@ def machine_info(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_bf16_kernels": cpu_bf16_kernels(),
     }
+    # thread-pool settings change how the runtimes share cores with other processes (README, "Runtimes")
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):
+        if name in os.environ:
+            info[name] = os.environ[name]
     with contextlib.suppress(ImportError):
         import timm
 

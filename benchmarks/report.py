@@ -54,6 +54,7 @@ def to_markdown(report: Report) -> str:
         f"Machine: {report.machine.get('cpu')}, {report.machine.get('cores')} cores, torch "
         f"{report.machine.get('torch')} ({report.machine.get('torch_threads')} threads)"
         + (f", GPU {report.machine['gpu']}" if "gpu" in report.machine else "")
+        + "".join(f", {k}={report.machine[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in report.machine)
         + f"; measured fp32 matmul peak {peak:.0f} GFLOP/s.",
         "",
         "| task | dtype | mode | input | ours img/s | timm img/s | speed-up | ours GFLOP/s (of peak) | "

@@ -234,7 +234,8 @@ def output_cosines(
             raise ValueError("output_cosines needs models with at least one output")
         sums = sums or [0.0] * len(pairs)
         for index, (want, got) in enumerate(pairs):
-            want, got = torch.as_tensor(want).float().flatten(1), torch.as_tensor(got).float().flatten(1)
+            # float64: in float32 the sums over millions of elements round the similarity past 1
+            want, got = torch.as_tensor(want).double().flatten(1), torch.as_tensor(got).double().flatten(1)
             sums[index] += F.cosine_similarity(want, got, dim=1).sum().item()
     return [total / images.shape[0] for total in sums]
 
