@@ -41,4 +41,38 @@ def summarize_targets(report: Report, cases: Sequence[str] = ("512x512 b1", "800
             f"training step {plain[0].case} with grad checkpointing: peak memory {checkpointed[0].peak_memory_mib:.0f} "
             f"vs {plain[0].peak_memory_mib:.0f} MiB without ({ratio:.2f}x; target <= 0.5x)"
         )
+    return lines + _deployment_targets(report)
+
+
+def _median(index: dict, impl: str, dtype: str, mode: str, case: str) -> float | None:
+    m = index.get((impl, "inference", dtype, mode, case))
+    return m.median_s if m else None
+
+
+def _deployment_targets(report: Report) -> list[str]:
+    """The runtime rows' targets: INT8 >= 1.5x eager fp32 at 512x512, eager ahead of the fp32 runtimes at every case,
+    and eager >= 1.3x timm with one core busy."""
+    index = {(m.impl, m.task, m.dtype, m.mode, m.case): m for m in report.measurements}
+    cases = sorted({m.case for m in report.measurements if m.impl == "ours-eager"}, key=_pixels)
+    lines = []
+    eager = _median(index, "ours-eager", "fp32", "eager", "512x512 b1")
+    for dtype in ("int8", "bf16"):
+        fast = _median(index, "ours-openvino", dtype, "openvino", "512x512 b1")
+        if eager and fast:
+            lines.append(f"OpenVINO {dtype} at 512x512 b1: {eager / fast:.2f}x our eager fp32 (target >= 1.5x)")
+    for case in cases:
+        ours = _median(index, "ours-eager", "fp32", "eager", case)
+        for runtime in ("openvino", "onnxruntime"):
+            other = _median(index, f"ours-{runtime}", "fp32", runtime, case)
+            if ours and other:
+                lines.append(f"our eager fp32 at {case}: {other / ours:.2f}x the speed of {runtime} fp32 (target > 1x)")
+        busy, peer = (_median(index, impl, "fp32", "eager contended", case) for impl in ("ours-eager", "timm-features"))
+        if busy and peer:
+            lines.append(f"one core busy, eager fp32 at {case}: {peer / busy:.2f}x timm (target >= 1.3x)")
     return lines
+
+
+def _pixels(case: str) -> tuple[int, int]:
+    size, batch = case.split()
+    height, width = (int(side) for side in size.split("x"))
+    return height * width, int(batch.removeprefix("b"))

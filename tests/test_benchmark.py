@@ -231,3 +231,23 @@ def test_with_detections_gives_random_detectors_work_for_nms() -> None:
         assert len(found["boxes"]) > 1 and set(found["labels"].tolist()) == {1}
     with pytest.raises(TypeError, match="expected a RetinaNet or Faster R-CNN, got Linear"):
         with_detections(torch.nn.Linear(2, 2))
+
+
+def test_deployment_targets_from_runtime_rows() -> None:
+    report = Report(machine={"cpu": "test cpu", "cores": 2}, settings={}, matmul_peak_gflops=100.0)
+    rows = [
+        ("ours-eager", "fp32", "eager", 0.4),
+        ("ours-eager", "fp32", "eager contended", 1.0),
+        ("timm-features", "fp32", "eager contended", 1.5),
+        ("ours-onnxruntime", "fp32", "onnxruntime", 0.5),
+        ("ours-openvino", "fp32", "openvino", 0.2),
+        ("ours-openvino", "int8", "openvino", 0.25),
+    ]
+    for impl, dtype, mode, seconds in rows:
+        report.measurements.append(Measurement(impl, "b2", "inference", dtype, mode, "512x512 b1", [seconds]))
+    assert summarize_targets(report) == [
+        "OpenVINO int8 at 512x512 b1: 1.60x our eager fp32 (target >= 1.5x)",
+        "our eager fp32 at 512x512 b1: 0.50x the speed of openvino fp32 (target > 1x)",
+        "our eager fp32 at 512x512 b1: 1.25x the speed of onnxruntime fp32 (target > 1x)",
+        "one core busy, eager fp32 at 512x512 b1: 1.50x timm (target >= 1.3x)",
+    ]
