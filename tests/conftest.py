@@ -13,8 +13,9 @@ _ISOLATED_CHILD = "PVT_BACKBONE_ISOLATED_TEST"
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run tests marked ``isolated`` in a fresh interpreter: NNCF's quantization leaves process-wide state behind
-    (a later ``signal.raise_signal(SIGTERM)`` in the same process crashes it), which must not reach other tests."""
+    """Run tests marked ``isolated`` in a fresh interpreter. Native libraries leave process-wide state behind that
+    made a later ``signal.raise_signal(SIGTERM)`` in the same process segfault (seen after NNCF's quantization and,
+    in a full run, after the OpenVINO/bf16 tests): the quantizing tests and the in-process signal test run alone."""
     if pyfuncitem.get_closest_marker("isolated") is None or os.environ.get(_ISOLATED_CHILD) == "1":
         return None
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]

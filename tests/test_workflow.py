@@ -103,6 +103,7 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_alone_continues(number
     assert f"checkpoint: {latest_checkpoint(output).directory} (step 12" in capsys.readouterr().out
 
 
+@pytest.mark.isolated  # raises SIGTERM in its own process: native state earlier tests leave behind crashed it
 def test_the_handlers_come_back_after_training(source_run: Path, tmp_path: Path, monkeypatch) -> None:
     """In one process: a SIGTERM mid-run stops after that step with its checkpoint; the handlers are restored."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
