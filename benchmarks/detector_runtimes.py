@@ -7,7 +7,7 @@ alone never give, with scores spread out so that no two candidates near the cut-
 torchvision's transform pads it), so normalisation, box decoding and NMS run inside every runtime. The eager row is
 :func:`~pvt_backbone.export_models.eager_detections` (the torchvision detector at that size, its resize off): the
 function the exports compute. Before timing, each runtime's detections are compared with eager
-(:func:`~pvt_backbone.export_models.verify_model_outputs`, scores within 1e-3); a runtime that disagrees is not
+(:func:`~pvt_backbone.export_models.compare_detections`, scores within 1e-3); a runtime that disagrees is not
 timed, and the report's notes say so.
 OpenVINO gets the export fixed to the static input shape, as for the backbone rows.
 """
@@ -26,7 +26,7 @@ from torchvision.models.detection import FasterRCNN, RetinaNet
 from pvt_backbone.cli.arguments import ImageSize
 from pvt_backbone.detection import fasterrcnn_pvt_v2_fpn, retinanet_pvt_v2_fpn
 from pvt_backbone.export import onnxruntime_session
-from pvt_backbone.export_models import eager_detections, export_model_onnx, verify_model_outputs
+from pvt_backbone.export_models import compare_detections, eager_detections, export_model_onnx, padded_to_list
 
 from .measure import Measurement, time_interleaved
 
@@ -95,8 +95,11 @@ def measure_detector_runtimes(
             start = time.perf_counter()
             path = export_model_onnx(detector, images, Path(directory) / f"{kind}.onnx")
             runs = _runs(path, detector, images, threads)
+            expected = eager_detections(detector, images)  # the reference, computed once
             checks = {
-                name: verify_model_outputs(detector, images, run()) for name, run in runs.items() if name != "eager"
+                name: compare_detections(expected, padded_to_list(run()))
+                for name, run in runs.items()
+                if name != "eager"
             }
             for name, check in checks.items():
                 if not check.ok:
@@ -104,7 +107,7 @@ def measure_detector_runtimes(
                     notes.append(
                         f"{kind} in {name}: detections differ from eager by {check.max_abs_diff:.3g}; not timed"
                     )
-            found = len(eager_detections(detector, images)[0]["boxes"])
+            found = len(expected[0]["boxes"])
             notes.append(
                 f"{kind}_pvt_v2_{variant}_fpn: exported whole and checked in {time.perf_counter() - start:.0f} s; "
                 f"{found} detections on the random image"

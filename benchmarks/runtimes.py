@@ -26,6 +26,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -138,19 +139,16 @@ def _openvino_runs(onnx_path: Path, case: ImageSize, settings: RuntimeSettings) 
     runs: dict[str, Run] = {}
     for precision in ("f32", "bf16") if ov.openvino_bf16_supported() else ("f32",):
         compiled = ov.compile_openvino(static, threads=settings.threads, precision=precision)
-        runs[f"openvino {'fp32' if precision == 'f32' else precision}"] = _compiled_run(ov.run_openvino, compiled)
+        runs[f"openvino {'fp32' if precision == 'f32' else precision}"] = lambda x, c=compiled: ov.run_openvino(c, x)
     if settings.int8:
         single = ov.convert_openvino(onnx_path, shape=(1, *shape[1:]))  # calibrated one scene at a time
         calibration = scene_images(settings.calibration, case, "train")
         quantized = ov.quantize_openvino(single, calibration)
         if case.batch != 1:
             quantized.reshape(list(shape))
-        runs["openvino int8"] = _compiled_run(ov.run_openvino, ov.compile_openvino(quantized, threads=settings.threads))
+        int8 = ov.compile_openvino(quantized, threads=settings.threads)
+        runs["openvino int8"] = lambda x: ov.run_openvino(int8, x)
     return runs
-
-
-def _compiled_run(run_openvino: Callable[[object, Tensor], list[Tensor]], compiled: object) -> Run:
-    return lambda x: run_openvino(compiled, x)
 
 
 def runtime_runs(
@@ -207,8 +205,7 @@ def _rows(
             c = Measurement(impl, variant, "inference", dtype, f"{mode} contended", str(case), busy[name], gflop)
             c.note = f"one core busy: {c.median_s / m.median_s:.2f}x the quiet median"
             if name == "eager fp32" and "timm fp32" in busy:
-                peer = Measurement("timm", variant, "inference", dtype, "", str(case), busy["timm fp32"])
-                c.note += f"; {peer.median_s / c.median_s:.2f}x timm's contended median"
+                c.note += f"; {statistics.median(busy['timm fp32']) / c.median_s:.2f}x timm's contended median"
             rows.append(c)
     return rows
 

@@ -191,21 +191,29 @@ def _build(args: argparse.Namespace) -> nn.Module:
     return exportable(model.eval())
 
 
+def _write_formats(
+    args: argparse.Namespace, pt2: Callable[[Path], Verification], onnx: Callable[[Path], Verification]
+) -> list[str]:
+    """Run the .pt2 and/or .onnx writer ``--format`` selects; returns the paths that failed their verification."""
+    out, failed = Path(args.out), []
+    for suffix, write, runtime in ((".pt2", pt2, "export"), (".onnx", onnx, "onnxruntime")):
+        if args.format in (suffix[1:], "both"):
+            path = out.with_suffix(suffix)
+            result = write(path)
+            _report(path, runtime, result)
+            failed += [] if result.ok else [str(path)]
+    return failed
+
+
 def _export_features(args: argparse.Namespace, model: nn.Module, example: Tensor, check: Tensor) -> list[str]:
     """Backbone/classifier: .pt2 and/or .onnx; returns the paths that failed their verification."""
-    out, failed = Path(args.out), []
-    if args.format in ("pt2", "both"):
-        program = export_program(model, example, **_dynamic(args))
-        path = out.with_suffix(".pt2")
-        result = save_verified_program(program, path, model, check, atol=args.atol)
-        _report(path, "export", result)
-        failed += [] if result.ok else [str(path)]
-    if args.format in ("onnx", "both"):
-        path = out.with_suffix(".onnx")
-        result = export_verified_onnx(model, example, check, path, atol=args.atol, **_dynamic(args))
-        _report(path, "onnxruntime", result)
-        failed += [] if result.ok else [str(path)]
-    return failed
+    return _write_formats(
+        args,
+        lambda path: save_verified_program(
+            export_program(model, example, **_dynamic(args)), path, model, check, atol=args.atol
+        ),
+        lambda path: export_verified_onnx(model, example, check, path, atol=args.atol, **_dynamic(args)),
+    )
 
 
 def _whole_options(args: argparse.Namespace) -> dict[str, bool | None]:
@@ -216,19 +224,14 @@ def _export_whole(args: argparse.Namespace, model: nn.Module, example: Tensor, c
     """Detector/segmenter: .pt2 and/or .onnx of the whole model; returns the paths that failed their verification."""
     from ..export_models import export_model_program, export_verified_model_onnx, save_verified_model_program
 
-    out, failed = Path(args.out), []
-    if args.format in ("pt2", "both"):
-        program = export_model_program(model, example, **_whole_options(args))
-        path = out.with_suffix(".pt2")
-        result = save_verified_model_program(program, path, model, check, atol=args.atol)
-        _report(path, "export", result)
-        failed += [] if result.ok else [str(path)]
-    if args.format in ("onnx", "both"):
-        path = out.with_suffix(".onnx")
-        result = export_verified_model_onnx(model, example, check, path, atol=args.atol, **_whole_options(args))
-        _report(path, "onnxruntime", result)
-        failed += [] if result.ok else [str(path)]
-    return failed
+    options = _whole_options(args)
+    return _write_formats(
+        args,
+        lambda path: save_verified_model_program(
+            export_model_program(model, example, **options), path, model, check, atol=args.atol
+        ),
+        lambda path: export_verified_model_onnx(model, example, check, path, atol=args.atol, **options),
+    )
 
 
 def _export_openvino(args: argparse.Namespace, model: nn.Module, example: Tensor, check: Tensor) -> list[str]:
