@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-timm", action="store_true", help="time only our model")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
-    parser.add_argument("--no-int8", action="store_true", help="skip the OpenVINO INT8 rows")
+    parser.add_argument("--no-int8", action="store_true", help="skip the INT8 rows (OpenVINO and onnxruntime)")
+    parser.add_argument(
+        "--no-compiled-runtime",
+        action="store_true",
+        help="skip the runtime table's torch.compile row (freezing, cpp_wrapper; about 30 s to compile per size)",
+    )
     parser.add_argument(
         "--calibration-size", type=int, default=defaults.calibration, help="synthetic scenes to calibrate INT8 on"
     )
@@ -102,6 +107,7 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Benc
         onnx=not args.no_onnx,
         int8=not args.no_int8,
         calibration=args.calibration_size,
+        compiled_runtime=not args.no_compiled_runtime,
         contended=args.contended,
         detector=not args.no_detector,
         detector_runtimes=args.detector_runtimes,

@@ -91,8 +91,9 @@ class BenchmarkSettings:
     device: str = "cpu"
     compare_timm: bool = True
     onnx: bool = True  # onnxruntime and (when installed) OpenVINO fp32 rows
-    int8: bool = True  # OpenVINO INT8 (NNCF) rows beside them
-    calibration: int = 32  # synthetic scenes NNCF calibrates the INT8 rows on
+    int8: bool = True  # INT8 rows beside them: OpenVINO (NNCF) and onnxruntime's static quantization
+    calibration: int = 32  # synthetic scenes the INT8 rows are calibrated on
+    compiled_runtime: bool = True  # torch.compile (freezing, cpp_wrapper) row among the runtimes
     contended: bool = False  # time the runtimes again with one core busy
     detector: bool = True
     detector_runtimes: bool = False  # whole RetinaNet / Faster R-CNN in eager, onnxruntime and OpenVINO
@@ -282,6 +283,7 @@ def _measure_onnx(
         contended=settings.contended,
         threads=torch.get_num_threads(),
         timm_peer=settings.compare_timm,
+        compiled=settings.compiled_runtime,
     )
     rows, notes = measure_runtimes(
         model.cpu(),

@@ -96,6 +96,10 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the runtime rows drawn in the plot; openvino-pinned is the same model as openvino fp32, and contended rows are not
+_PLOTTED_MODES = ("eager", "compiled", "onnxruntime", "openvino-dynamic", "openvino")
+
+
 def _series(report: Report, task: str) -> dict[str, list[tuple[float, float, str]]]:
     """(megapixels, images/s, size) per line of the plot: the runtime rows (backbone) when the report has them,
     else the fp32 eager classifiers, ours and timm; batch 1, quiet runs only."""
@@ -105,7 +109,7 @@ def _series(report: Report, task: str) -> dict[str, list[tuple[float, float, str
     for m in rows:
         if m.task != task or _batch_of(m.case) != 1 or m.model == "detector" or not m.median_s:
             continue
-        if "contended" in m.mode or m.mode not in ("eager", "onnxruntime", "openvino"):
+        if "contended" in m.mode or m.mode not in _PLOTTED_MODES:
             continue
         height, width = (int(v) for v in m.case.split()[0].split("x"))
         runtime = {
@@ -120,7 +124,8 @@ def _series(report: Report, task: str) -> dict[str, list[tuple[float, float, str
 
 def plot_throughput(report: Report, path: str | os.PathLike[str], *, task: str = "inference") -> Path | None:
     """PNG of throughput (images/s) vs input megapixels at batch 1: every runtime row (our backbone in eager fp32 and
-    bf16, timm's, onnxruntime, OpenVINO fp32/bf16/INT8) when the report has them, else ours vs timm eager fp32.
+    bf16, compiled, timm's, onnxruntime fp32/INT8, OpenVINO dynamic and fp32/bf16/INT8) when the report has them,
+    else ours vs timm eager fp32.
 
     Returns ``None`` without matplotlib (install the ``bench`` extra).
     """

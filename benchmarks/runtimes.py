@@ -1,4 +1,4 @@
-"""Deployment runtimes timed beside our eager backbone: timm, eager bf16, onnxruntime, OpenVINO fp32/bf16/INT8.
+"""Deployment runtimes timed beside our eager backbone: timm, eager bf16, torch.compile, onnxruntime, OpenVINO.
 
 Model: the backbone (:class:`PVTv2Backbone`, four stage maps) with the weights of the classifier timed in the main
 table, because a deployment exports the backbone or a whole detector, and the stage maps are what a detector reads.
@@ -9,10 +9,16 @@ Rows per case, all timed in the same interleaved rounds:
 
 * ``eager fp32``: the reference; ``timm`` fp32 (where timm is installed); ``eager bf16`` under CPU autocast (only
   where oneDNN has native bf16 kernels);
+* ``compiled fp32``: ``torch.compile`` of our backbone with inductor's ``freezing`` (weights folded in as constants
+  and prepacked) and ``cpp_wrapper`` (no Python between kernels), specialised to the case's shape;
 * ``onnxruntime fp32``: the dynamic-shape ONNX export (batch, height, width), one file for every case;
-* ``openvino fp32`` / ``bf16`` / ``int8``: the same ONNX file fixed to the case's static shape, which is how one
-  deploys it (:func:`~pvt_backbone.export_openvino.convert_openvino` ``shape=``); bf16 where the CPU plugin reports
-  it; INT8 is NNCF post-training quantization calibrated on ``calibration`` scenes of the "train" split.
+  ``onnxruntime int8``: that file after onnxruntime's static quantization (QDQ, per-channel int8 weights, uint8
+  activations, which is its fast x86 form; MinMax ranges), calibrated on the scenes the OpenVINO INT8 row uses;
+* ``openvino-dynamic fp32``: the same dynamic file in OpenVINO, i.e. the very export onnxruntime runs;
+* ``openvino fp32`` / ``bf16`` / ``int8``: the file fixed to the case's static shape, which is how one deploys it
+  (:func:`~pvt_backbone.export_openvino.convert_openvino` ``shape=``); bf16 where the CPU plugin reports it; INT8 is
+  NNCF post-training quantization calibrated on ``calibration`` scenes of the "train" split. These compile with CPU
+  pinning off; ``openvino-pinned fp32`` is the static fp32 model with the plugin's default pinning, for comparison.
 
 Checked before timing: fp32 rows within ``FP32_ATOL`` of eager on every stage (else ``AssertionError``); bf16 and INT8
 rows report the cosine similarity of each stage map to eager fp32, averaged over ``ACCURACY_IMAGES`` held-out scenes,
@@ -63,13 +69,14 @@ Run = Callable[[Tensor], list[Tensor]]
 @dataclass(frozen=True)
 class RuntimeSettings:
     """What :func:`measure_runtimes` times: the INT8 rows (and on how many calibration scenes), contention, threads,
-    and whether timm's backbone runs beside ours."""
+    whether timm's backbone runs beside ours, and whether the ``torch.compile`` row is built (about 30 s a case)."""
 
     int8: bool = True
     calibration: int = 32
     contended: bool = False
     threads: int = 1
     timm_peer: bool = True
+    compiled: bool = True
 
 
 def _spin() -> None:  # pragma: no cover - runs in the child process
@@ -128,42 +135,103 @@ def _eager(model: nn.Module, *, bf16: bool = False) -> Run:
     return run
 
 
-def _openvino_runs(onnx_path: Path, case: ImageSize, settings: RuntimeSettings) -> dict[str, Run]:
-    """OpenVINO fp32 (and bf16, INT8 as available and selected) of the export fixed to ``case``'s shape."""
+def _compiled(model: nn.Module) -> Run:
+    """``torch.compile`` with frozen weights and the C++ wrapper, one static graph per input shape."""
+    return _eager(torch.compile(model, dynamic=False, options={"freezing": True, "cpp_wrapper": True}))
+
+
+def _onnxruntime_run(path: Path, threads: int) -> Run:
+    session = onnxruntime_session(path, threads=threads)
+    name = session.get_inputs()[0].name
+    return lambda x: [torch.from_numpy(out) for out in session.run(None, {name: x.numpy()})]
+
+
+def _onnxruntime_int8(onnx_path: Path, calibration: Tensor, directory: Path) -> Path:
+    """onnxruntime's static INT8 quantization of ``onnx_path`` (module docstring), calibrated one scene at a time."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = onnxruntime_session(onnx_path).get_inputs()[0].name
+
+    class Scenes(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.scenes = iter(calibration)
+
+        def get_next(self) -> dict | None:
+            scene = next(self.scenes, None)
+            return None if scene is None else {name: scene[None].numpy()}
+
+    prepared, quantized = directory / "int8-prepared.onnx", directory / "int8.onnx"
+    # the symbolic shape pass cannot follow the dynamic H/W arithmetic of the export; ONNX's own inference can
+    quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(quantized),
+        Scenes(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return quantized
+
+
+def _openvino_runs(
+    onnx_path: Path, case: ImageSize, settings: RuntimeSettings, calibration: Tensor | None
+) -> dict[str, Run]:
+    """OpenVINO: the dynamic export and the export fixed to ``case``'s shape, fp32, bf16 where available and INT8
+    calibrated on ``calibration`` if given; pinning off except for the ``openvino-pinned`` row."""
     try:
         from pvt_backbone import export_openvino as ov
     except ImportError:  # pragma: no cover - openvino is optional
         return {}
+
+    def compiled_run(model: object, precision: str = "f32", pinning: bool | None = False) -> Run:
+        compiled = ov.compile_openvino(model, threads=settings.threads, precision=precision, pinning=pinning)
+        return lambda x: ov.run_openvino(compiled, x)
+
     shape = (case.batch, 3, case.height, case.width)
     static = ov.convert_openvino(onnx_path, shape=shape)
-    runs: dict[str, Run] = {}
+    runs = {"openvino-dynamic fp32": compiled_run(ov.convert_openvino(onnx_path))}
     for precision in ("f32", "bf16") if ov.openvino_bf16_supported() else ("f32",):
-        compiled = ov.compile_openvino(static, threads=settings.threads, precision=precision)
-        runs[f"openvino {'fp32' if precision == 'f32' else precision}"] = lambda x, c=compiled: ov.run_openvino(c, x)
-    if settings.int8:
+        runs[f"openvino {'fp32' if precision == 'f32' else precision}"] = compiled_run(static, precision)
+    runs["openvino-pinned fp32"] = compiled_run(static, pinning=None)
+    if calibration is not None:
         single = ov.convert_openvino(onnx_path, shape=(1, *shape[1:]))  # calibrated one scene at a time
-        calibration = scene_images(settings.calibration, case, "train")
         quantized = ov.quantize_openvino(single, calibration)
         if case.batch != 1:
             quantized.reshape(list(shape))
-        int8 = ov.compile_openvino(quantized, threads=settings.threads)
-        runs["openvino int8"] = lambda x: ov.run_openvino(int8, x)
+        runs["openvino int8"] = compiled_run(quantized)
     return runs
 
 
 def runtime_runs(
     onnx_path: Path, models: dict[str, nn.Module], case: ImageSize, settings: RuntimeSettings
 ) -> dict[str, Run]:
-    """Every available row for ``case`` (see the module docstring), keyed ``"<runtime> <dtype>"``."""
+    """Every available row for ``case`` (see the module docstring), keyed ``"<runtime> <dtype>"``.
+
+    The INT8 files are written beside ``onnx_path``.
+    """
     runs: dict[str, Run] = {"eager fp32": _eager(models["eager"])}
     if "timm" in models:
         runs["timm fp32"] = _eager(models["timm"])
     if cpu_bf16_kernels():
         runs["eager bf16"] = _eager(models["eager"], bf16=True)
-    session = onnxruntime_session(onnx_path, threads=settings.threads)
-    name = session.get_inputs()[0].name
-    runs["onnxruntime fp32"] = lambda x: [torch.from_numpy(out) for out in session.run(None, {name: x.numpy()})]
-    runs.update(_openvino_runs(onnx_path, case, settings))
+    if settings.compiled:
+        runs["compiled fp32"] = _compiled(models["eager"])
+    runs["onnxruntime fp32"] = _onnxruntime_run(onnx_path, settings.threads)
+    calibration = scene_images(settings.calibration, case, "train") if settings.int8 else None
+    if calibration is not None:
+        quantized = _onnxruntime_int8(onnx_path, calibration, onnx_path.parent)
+        runs["onnxruntime int8"] = _onnxruntime_run(quantized, settings.threads)
+    runs.update(_openvino_runs(onnx_path, case, settings, calibration))
     return runs
 
 

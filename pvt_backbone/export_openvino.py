@@ -84,18 +84,28 @@ def convert_openvino(onnx_path: str | os.PathLike[str], *, shape: Sequence[int] 
     return model
 
 
-def compile_openvino(model: Any, *, threads: int | None = None, precision: str = "f32") -> Any:
+def compile_openvino(
+    model: Any, *, threads: int | None = None, precision: str = "f32", pinning: bool | None = None
+) -> Any:
     """Compile an ``openvino.Model`` (or a ``.xml``/``.onnx`` path) for CPU; ``threads`` inference threads.
 
     ``precision`` is the CPU plugin's inference precision for the layers that are not quantized: ``"f32"`` (the
     exported function within float rounding) or ``"bf16"`` (needs a CPU with bf16 instructions, see
     :func:`openvino_bf16_supported`; outputs move by about 1e-2 relative).
+
+    ``pinning`` sets ``ENABLE_CPU_PINNING`` (``None``: the plugin's default, on for Linux). Pinned threads cannot
+    move off a core another process keeps busy; on shared cores ``pinning=False`` degrades far less (README,
+    "Runtimes").
     """
     check_choice("precision", precision, PRECISIONS)
+    if pinning is not None and not isinstance(pinning, bool):
+        raise TypeError(f"pinning must be True, False or None, got {type(pinning).__name__}")
     # explicit even for f32: some CPUs default to bf16 inference, which misses the fp32 tolerance by far
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
+    if pinning is not None:
+        config["ENABLE_CPU_PINNING"] = pinning
     source = str(model) if isinstance(model, (str, os.PathLike)) else model
     return _openvino().Core().compile_model(source, "CPU", config)
 

@@ -197,7 +197,8 @@ def test_runtime_rows_are_checked_timed_and_contended(tmp_path: Path) -> None:
         contended=True,
         detector=False,
         checkpointing=False,
-        int8=False,  # the INT8 path is tested in test_export_whole.py and test_export_cli.py
+        int8=False,  # INT8 and compiled rows: test_every_runtime_row_computes_the_backbone
+        compiled_runtime=False,
     )
     report = run_benchmark(settings, log=lambda line: None)
     rows = {(m.impl, m.dtype, m.mode): m for m in report.measurements}
@@ -215,6 +216,35 @@ def test_runtime_rows_are_checked_timed_and_contended(tmp_path: Path) -> None:
         assert 0.99 <= float(note.removeprefix("stage cosine vs eager fp32: min ").split()[0]) <= 1.0
     if importlib.util.find_spec("matplotlib"):
         assert plot_throughput(report, tmp_path / "runtimes.png") is not None
+
+
+@pytest.mark.isolated  # quantizes (NNCF), like the other INT8 tests
+def test_every_runtime_row_computes_the_backbone(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import onnx
+
+    from benchmarks.runtimes import RuntimeSettings, _accuracy_note, runtime_runs, scene_images
+    from pvt_backbone import PVTv2Backbone, PVTv2Config
+    from pvt_backbone.export import export_onnx
+
+    torch.manual_seed(0)
+    model = PVTv2Backbone(PVTv2Config(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4)))
+    path = export_onnx(model.eval(), torch.rand(1, 3, 64, 64), tmp_path / "tiny.onnx")
+    case = ImageSize(64, 64, 2)
+    runs = runtime_runs(path, {"eager": model}, case, RuntimeSettings(calibration=4, timm_peer=False, threads=2))
+    fp32 = {"compiled", "onnxruntime", "openvino-dynamic", "openvino", "openvino-pinned"}
+    assert {f"{name} fp32" for name in fp32} | {"onnxruntime int8", "openvino int8"} <= set(runs)
+    quantized = onnx.load(str(tmp_path / "int8.onnx"))
+    assert sum(node.op_type == "QuantizeLinear" for node in quantized.graph.node) > 10
+    images = scene_images(4, case, "val")
+    for name, run in runs.items():
+        note = _accuracy_note(name, run, runs["eager fp32"], images, case.batch)  # fp32 rows raise beyond 1e-4
+        if name.endswith("int8"):
+            assert float(note.removeprefix("stage cosine vs eager fp32: min ").split()[0]) > 0.9, (name, note)
+        elif name.endswith("fp32") and name != "eager fp32":
+            assert note.startswith("max abs diff vs eager"), (name, note)
 
 
 def test_with_detections_gives_random_detectors_work_for_nms() -> None:
@@ -241,13 +271,19 @@ def test_deployment_targets_from_runtime_rows() -> None:
         ("timm-features", "fp32", "eager contended", 1.5),
         ("ours-onnxruntime", "fp32", "onnxruntime", 0.5),
         ("ours-openvino", "fp32", "openvino", 0.2),
+        ("ours-openvino-dynamic", "fp32", "openvino-dynamic", 0.8),
+        ("ours-compiled", "fp32", "compiled", 0.25),
         ("ours-openvino", "int8", "openvino", 0.25),
+        ("ours-onnxruntime", "int8", "onnxruntime", 0.32),
     ]
     for impl, dtype, mode, seconds in rows:
         report.measurements.append(Measurement(impl, "b2", "inference", dtype, mode, "512x512 b1", [seconds]))
     assert summarize_targets(report) == [
         "OpenVINO int8 at 512x512 b1: 1.60x our eager fp32 (target >= 1.5x)",
+        "onnxruntime int8 at 512x512 b1: 1.25x our eager fp32 (target >= 1.5x)",
         "our eager fp32 at 512x512 b1: 0.50x the speed of openvino fp32 (target > 1x)",
+        "our eager fp32 at 512x512 b1: 2.00x the speed of openvino-dynamic fp32 (target > 1x)",
         "our eager fp32 at 512x512 b1: 1.25x the speed of onnxruntime fp32 (target > 1x)",
+        "torch.compile fp32 at 512x512 b1: 0.80x the speed of openvino fp32",
         "one core busy, eager fp32 at 512x512 b1: 1.50x timm (target >= 1.3x)",
     ]

@@ -64,3 +64,12 @@ def test_output_cosines_per_output_and_batch_rule() -> None:
     assert ov.feature_cosine(lambda b: [b, b], lambda b: [b, -b], x) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match=r"number of images \(4\) must be a positive multiple of batch=3"):
         ov.output_cosines(lambda b: [b], lambda b: [b], x, batch=3)
+
+
+def test_pinning_reaches_the_plugin_and_is_checked(exported: tuple[torch.nn.Module, Path]) -> None:
+    _, path = exported
+    model = ov.convert_openvino(path, shape=(1, 3, 64, 64))
+    for pinning in (False, True):
+        assert ov.compile_openvino(model, pinning=pinning).get_property("ENABLE_CPU_PINNING") is pinning
+    with pytest.raises(TypeError, match="pinning must be True, False or None, got str"):
+        ov.compile_openvino(model, pinning="no")
