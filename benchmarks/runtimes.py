@@ -13,7 +13,9 @@ Rows per case, all timed in the same interleaved rounds:
   and prepacked) and ``cpp_wrapper`` (no Python between kernels), specialised to the case's shape;
 * ``onnxruntime fp32``: the dynamic-shape ONNX export (batch, height, width), one file for every case;
   ``onnxruntime int8``: that file after onnxruntime's static quantization (QDQ, per-channel int8 weights, uint8
-  activations, which is its fast x86 form; MinMax ranges), calibrated on the scenes the OpenVINO INT8 row uses;
+  activations, which is its fast x86 form; MinMax ranges), calibrated on as many "train" scenes as OpenVINO's, at
+  the case's size up to 512x512 pixels and above that at the same aspect ratio scaled to that area (its calibration
+  holds a scene's every activation in memory);
 * ``openvino-dynamic fp32``: the same dynamic file in OpenVINO, i.e. the very export onnxruntime runs;
 * ``openvino fp32`` / ``bf16`` / ``int8``: the file fixed to the case's static shape, which is how one deploys it
   (:func:`~pvt_backbone.export_openvino.convert_openvino` ``shape=``); bf16 where the CPU plugin reports it; INT8 is
@@ -29,6 +31,7 @@ pinned to core 0 competes for the CPU; the note gives the contended / quiet medi
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import re
@@ -137,13 +140,36 @@ def _eager(model: nn.Module, *, bf16: bool = False) -> Run:
 
 def _compiled(model: nn.Module) -> Run:
     """``torch.compile`` with frozen weights and the C++ wrapper, one static graph per input shape."""
-    return _eager(torch.compile(model, dynamic=False, options={"freezing": True, "cpp_wrapper": True}))
+    from torch._inductor import config
+
+    run = _eager(torch.compile(model, dynamic=False))
+
+    def frozen(x: Tensor) -> list[Tensor]:
+        # compiling happens on a shape's first call; torch.compile(options=...) did not freeze (eager speed in a trial)
+        with config.patch(freezing=True, cpp_wrapper=True):
+            return run(x)
+
+    return frozen
 
 
 def _onnxruntime_run(path: Path, threads: int) -> Run:
     session = onnxruntime_session(path, threads=threads)
     name = session.get_inputs()[0].name
     return lambda x: [torch.from_numpy(out) for out in session.run(None, {name: x.numpy()})]
+
+
+# onnxruntime's calibration session keeps every activation of a scene alive: 5.3 GB peak at 512x512, so about 20 GB
+# at 800x1333, past a 24 GiB machine with the rest of the benchmark loaded
+ORT_CALIBRATION_PIXELS = 512 * 512
+
+
+def _onnxruntime_calibration_size(case: ImageSize) -> ImageSize:
+    """``case``, or the same aspect ratio at ``ORT_CALIBRATION_PIXELS`` (sides rounded to 32) when it is larger."""
+    scale = math.sqrt(ORT_CALIBRATION_PIXELS / (case.height * case.width))
+    if scale >= 1:
+        return case
+    height, width = (max(32, round(side * scale / 32) * 32) for side in (case.height, case.width))
+    return ImageSize(height, width, case.batch)
 
 
 def _onnxruntime_int8(onnx_path: Path, calibration: Tensor, directory: Path) -> Path:
@@ -229,8 +255,10 @@ def runtime_runs(
     runs["onnxruntime fp32"] = _onnxruntime_run(onnx_path, settings.threads)
     calibration = scene_images(settings.calibration, case, "train") if settings.int8 else None
     if calibration is not None:
-        quantized = _onnxruntime_int8(onnx_path, calibration, onnx_path.parent)
-        runs["onnxruntime int8"] = _onnxruntime_run(quantized, settings.threads)
+        scenes = scene_images(settings.calibration, _onnxruntime_calibration_size(case), "train")
+        runs["onnxruntime int8"] = _onnxruntime_run(
+            _onnxruntime_int8(onnx_path, scenes, onnx_path.parent), settings.threads
+        )
     runs.update(_openvino_runs(onnx_path, case, settings, calibration))
     return runs
 

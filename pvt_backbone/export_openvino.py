@@ -85,7 +85,7 @@ def convert_openvino(onnx_path: str | os.PathLike[str], *, shape: Sequence[int] 
 
 
 def compile_openvino(
-    model: Any, *, threads: int | None = None, precision: str = "f32", pinning: bool | None = None
+    model: Any, *, threads: int | None = None, precision: str = "f32", pinning: bool | None = False
 ) -> Any:
     """Compile an ``openvino.Model`` (or a ``.xml``/``.onnx`` path) for CPU; ``threads`` inference threads.
 
@@ -93,9 +93,9 @@ def compile_openvino(
     exported function within float rounding) or ``"bf16"`` (needs a CPU with bf16 instructions, see
     :func:`openvino_bf16_supported`; outputs move by about 1e-2 relative).
 
-    ``pinning`` sets ``ENABLE_CPU_PINNING`` (``None``: the plugin's default, on for Linux). Pinned threads cannot
-    move off a core another process keeps busy; on shared cores ``pinning=False`` degrades far less (README,
-    "Runtimes").
+    ``pinning`` sets ``ENABLE_CPU_PINNING``; ``None`` keeps the plugin's default (on, on Linux). Off by default here:
+    a pinned thread cannot leave a core another process keeps busy, so with one of two cores busy the pinned model
+    ran 4.8-16x slower than quiet and the unpinned one 1.6-1.9x, at the same quiet speed (README, "Runtimes").
     """
     check_choice("precision", precision, PRECISIONS)
     if pinning is not None and not isinstance(pinning, bool):

@@ -247,6 +247,15 @@ def test_every_runtime_row_computes_the_backbone(tmp_path: Path) -> None:
             assert note.startswith("max abs diff vs eager"), (name, note)
 
 
+def test_onnxruntime_calibrates_large_cases_at_a_bounded_area() -> None:
+    from benchmarks.runtimes import ORT_CALIBRATION_PIXELS, _onnxruntime_calibration_size
+
+    assert _onnxruntime_calibration_size(ImageSize(224, 224, 8)) == ImageSize(224, 224, 8)
+    assert _onnxruntime_calibration_size(ImageSize(512, 512, 1)) == ImageSize(512, 512, 1)
+    smaller = _onnxruntime_calibration_size(ImageSize(800, 1333, 1))
+    assert smaller == ImageSize(384, 672, 1) and smaller.height * smaller.width <= ORT_CALIBRATION_PIXELS
+
+
 def test_with_detections_gives_random_detectors_work_for_nms() -> None:
     from benchmarks.detector_runtimes import with_detections
     from pvt_backbone.detection import fasterrcnn_pvt_v2_fpn, retinanet_pvt_v2_fpn

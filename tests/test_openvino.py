@@ -69,6 +69,7 @@ def test_output_cosines_per_output_and_batch_rule() -> None:
 def test_pinning_reaches_the_plugin_and_is_checked(exported: tuple[torch.nn.Module, Path]) -> None:
     _, path = exported
     model = ov.convert_openvino(path, shape=(1, 3, 64, 64))
+    assert ov.compile_openvino(model).get_property("ENABLE_CPU_PINNING") is False  # our default: shared cores
     for pinning in (False, True):
         assert ov.compile_openvino(model, pinning=pinning).get_property("ENABLE_CPU_PINNING") is pinning
     with pytest.raises(TypeError, match="pinning must be True, False or None, got str"):
