@@ -56,11 +56,15 @@ def _as_list(features: Mapping[str, Tensor] | Sequence[Tensor], in_channels: tup
 def resize_bilinear(x: Tensor, size: Sequence[int] | torch.Size) -> Tensor:
     """(B, C, h, w) -> (B, C, H, W), bilinear with ``align_corners=False``; returns ``x`` itself when already (H, W).
 
+    While exporting (``torch.export``, the ONNX exporters) it always interpolates: comparing sizes that are symbolic
+    would fix them to the example's, and a same-size bilinear resize copies ``x`` exactly (every weight is 1 or 0).
+
     Example:
         >>> resize_bilinear(torch.zeros(1, 3, 8, 8), (16, 12)).shape
         torch.Size([1, 3, 16, 12])
     """
-    if tuple(x.shape[-2:]) == tuple(size):
+    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    if not exporting and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 

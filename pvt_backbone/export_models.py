@@ -30,11 +30,12 @@ data-dependent subset per level. Candidates beyond ``candidates`` per image are 
 result equals the eager one whenever the eager NMS keeps ``detections_per_img`` boxes from those candidates or fewer
 candidates pass the score threshold (always true at the defaults with a handful of classes).
 
-Sizes: RetinaNet and FCOS export with dynamic batch, height and width (sides from 160 px, ``DENSE_MIN_SIZE``: every
-pyramid level down to stride 128 must be at least 2x2 while tracing); the R-CNNs and the segmenters with a dynamic
-batch and the example's height and width (the R-CNNs' RoI level assignment is traced at one size; the segmentation
-heads' same-size shortcuts in ``resize_bilinear`` become guards torch.export cannot prove for every size).
-Keypoint R-CNN is not supported.
+Sizes: every wrapper exports with a dynamic batch, height and width by default. Detectors take sides from 160 px
+(``DETECTOR_MIN_SIZE``: every pyramid level, down to stride 128 for RetinaNet/FCOS, must be at least 2x2 while
+tracing), segmenters from 64 px. Two things make that possible: RoI pooling takes each level's scale from the
+backbone's declared strides instead of dividing (symbolic) map sizes, and ``resize_bilinear`` always interpolates
+while exporting instead of comparing sizes. Keypoint R-CNN is not supported: its keypoint decoding resizes every
+RoI's heatmap to that box's own size, a data-dependent shape.
 
 Example:
     >>> from pvt_backbone.detection import retinanet_pvt_v2_fpn
@@ -96,7 +97,7 @@ __all__ = [
     "verify_model_outputs",
     "export_verified_model_onnx",
     "save_verified_model_program",
-    "DENSE_MIN_SIZE",
+    "DETECTOR_MIN_SIZE",
 ]
 
 DETECTION_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
@@ -106,7 +107,7 @@ SEGMENTATION_OUTPUTS = ("logits", "labels")
 _INVALID = -1.0
 _PAD_MULTIPLE = 32
 # Smallest dynamic side of RetinaNet/FCOS: torch.export needs every pyramid level (down to stride 128) at least 2x2.
-DENSE_MIN_SIZE = 160
+DETECTOR_MIN_SIZE = 160
 
 
 @torch.library.custom_op("pvt_backbone::nms_mask", mutates_args=())
@@ -339,8 +340,10 @@ class ExportableDetector(nn.Module):
     def _roi_pool(self, pool: MultiScaleRoIAlign, named: dict[str, Tensor], boxes: Tensor, x: Tensor) -> Tensor:
         """(B, R, 4) boxes -> (B * R, C, S, S): every RoI pooled at every level, each keeping its FPN level's."""
         maps = [named[name] for name in pool.featmap_names]
-        height = x.shape[-2]
-        scales = [2.0 ** round(math.log2(m.shape[-2] / height)) for m in maps]
+        # 1 / stride, from the backbone's declared strides: what MultiScaleRoIAlign infers from the map sizes, but
+        # without arithmetic on (possibly symbolic) sizes, so the graph holds for every input size
+        strides = dict(zip(self.detector.backbone.names, self.detector.backbone.strides))
+        scales = [1.0 / strides[name] for name in pool.featmap_names]
         k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
         mapper = LevelMapper(k_min, k_max, canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
         flat = boxes.reshape(-1, 4)
@@ -441,8 +444,8 @@ def output_names(wrapper: nn.Module) -> list[str]:
 
 
 def supports_dynamic_size(wrapper: nn.Module) -> bool:
-    """Whether the wrapper exports with a dynamic height and width (RetinaNet, FCOS; not the R-CNNs or segmenters)."""
-    return isinstance(wrapper, ExportableDetector) and wrapper.dense
+    """Whether the wrapper exports with a dynamic height and width: every detector and segmenter wrapper does."""
+    return isinstance(wrapper, (ExportableDetector, ExportableSegmenter))
 
 
 def _check_whole_example(wrapper: nn.Module, example: Tensor) -> None:
@@ -458,17 +461,6 @@ def _check_whole_example(wrapper: nn.Module, example: Tensor) -> None:
         )
 
 
-def _whole_shapes(wrapper: nn.Module, example: Tensor, dynamic_batch: bool, dynamic_size: bool, min_size: int) -> Any:
-    if dynamic_size and not supports_dynamic_size(wrapper):
-        raise ValueError(
-            f"{type(getattr(wrapper, 'detector', wrapper)).__name__} exports at one height and width only "
-            "(dynamic_size=False); RetinaNet and FCOS take dynamic_size=True"
-        )
-    return _dynamic_shapes(
-        example, dynamic_batch=dynamic_batch, dynamic_height=dynamic_size, dynamic_width=dynamic_size, min_size=min_size
-    )
-
-
 def export_model_program(
     model: nn.Module,
     example: Tensor,
@@ -481,14 +473,16 @@ def export_model_program(
 
     ``dynamic_size`` (height and width together) defaults to :func:`supports_dynamic_size`; ``example`` is a
     (B, 3, H, W) batch of RGB images in [0, 1], H and W multiples of 32 for detectors. ``min_size``, the smallest
-    dynamic side, defaults to 160 for RetinaNet/FCOS (``DENSE_MIN_SIZE``; trace them at that size or above).
+    dynamic side, defaults to 160 for detectors (``DETECTOR_MIN_SIZE``; trace them at that size or above).
     """
     wrapper = exportable(model)
     _check_whole_example(wrapper, example)
     dynamic = supports_dynamic_size(wrapper) if dynamic_size is None else dynamic_size
     if min_size is None:
-        min_size = DENSE_MIN_SIZE if isinstance(wrapper, ExportableDetector) else DEFAULT_MIN_SIZE
-    shapes = _whole_shapes(wrapper, example, dynamic_batch, dynamic, min_size)
+        min_size = DETECTOR_MIN_SIZE if isinstance(wrapper, ExportableDetector) else DEFAULT_MIN_SIZE
+    shapes = _dynamic_shapes(
+        example, dynamic_batch=dynamic_batch, dynamic_height=dynamic, dynamic_width=dynamic, min_size=min_size
+    )
     return torch.export.export(wrapper, (_traceable(example, dynamic_batch),), dynamic_shapes=shapes)
 
 

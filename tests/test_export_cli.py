@@ -90,7 +90,8 @@ def test_failed_verification_leaves_nothing_at_the_output_path(
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["--model", "fasterrcnn", "--size", "64x64", "--verify-size", "96x64"], ["--verify-size", "--size"]),
+        (["--model", "fasterrcnn", "--size", "64x64", "--verify-size", "192x192"], ["--size 64x64", "160"]),
+        (["--model", "fasterrcnn", "--static-size", "--size", "64x64", "--verify-size", "96x64"], ["--verify-size"]),
         (["--model", "retinanet", "--size", "64x64", "--verify-size", "192x192"], ["--size 64x64", "160"]),
         (["--model", "fcos", "--size", "160x170", "--verify-size", "192x192"], ["--size 160x170", "32"]),
         (["--int8", "--format", "onnx"], ["--int8", "--to openvino"]),

@@ -127,15 +127,32 @@ def test_retinanet_onnx_and_openvino_match_eager(tiny_config: PVTv2Config, tmp_p
     assert compare_detections(eager_detections(detector, images), load_runtime(xml, "openvino")(images)).ok
 
 
-def test_rcnn_refuses_a_dynamic_size_and_sizes_off_the_grid(tiny_config: PVTv2Config) -> None:
+def test_faster_rcnn_program_runs_at_other_sizes(tiny_config: PVTv2Config) -> None:
     detector = _detector("fasterrcnn", tiny_config)
-    with pytest.raises(ValueError, match="dynamic_size=False"):
-        export_model_program(detector, torch.rand(1, 3, 64, 64), dynamic_size=True)
     with pytest.raises(ValueError, match="multiples of 32"):
         export_model_program(detector, torch.rand(1, 3, 64, 70))
+    program = export_model_program(detector, torch.rand(1, 3, 192, 160)).module()
+    for shape in ((2, 3, 160, 224), (1, 3, 256, 192)):
+        images = torch.rand(shape)
+        with torch.no_grad():
+            found = padded_to_list(program(images))
+        assert sum(len(d["boxes"]) for d in found) > 0
+        result = compare_detections(eager_detections(detector, images), found, atol=1e-4)
+        assert result.ok, (shape, result)
 
 
-def test_segmenter_onnx_dynamic_batch_and_runtimes(tiny_config: PVTv2Config, tmp_path: Path) -> None:
+def test_mask_rcnn_onnx_runs_at_another_size(tiny_config: PVTv2Config, tmp_path: Path) -> None:
+    detector = _detector("maskrcnn", tiny_config)
+    images = torch.rand(2, 3, 160, 224)
+    result = export_verified_model_onnx(detector, torch.rand(1, 3, 192, 160), images, tmp_path / "mask.onnx")
+    assert result.ok, result
+    other = torch.rand(1, 3, 256, 192)
+    found = load_runtime(tmp_path / "mask.onnx", runtime="onnxruntime")(other)
+    assert found[0]["masks"].shape[-2:] == (256, 192)
+    assert compare_detections(eager_detections(detector, other), found, atol=1e-4).ok
+
+
+def test_segmenter_exports_dynamic_sizes_to_every_runtime(tiny_config: PVTv2Config, tmp_path: Path) -> None:
     segmenter = semantic_fpn_pvt_v2(tiny_config, num_classes=4).eval()
     images = torch.rand(3, 3, 96, 64)
     result = export_verified_model_onnx(segmenter, torch.rand(1, 3, 96, 64), images, tmp_path / "seg.onnx")
@@ -144,11 +161,14 @@ def test_segmenter_onnx_dynamic_batch_and_runtimes(tiny_config: PVTv2Config, tmp
         expected = exportable(segmenter)(images)[0]
     logits = load_runtime(tmp_path / "seg.onnx", "onnxruntime")(images)
     assert logits.shape == (3, 4, 96, 64) and torch.allclose(logits, expected, atol=1e-4)
-    with pytest.raises(ValueError, match="dynamic_size=False"):
-        export_model_program(segmenter, images, dynamic_size=True)
+    other = torch.rand(2, 3, 70, 100)  # another size, not a multiple of the stride either
+    with torch.no_grad():
+        expected_other = exportable(segmenter)(other)[0]
+    assert torch.allclose(load_runtime(tmp_path / "seg.onnx", "onnxruntime")(other), expected_other, atol=1e-4)
     program = export_model_program(segmenter, torch.rand(1, 3, 96, 64))
     assert save_verified_model_program(program, tmp_path / "seg.pt2", segmenter, images, atol=1e-4).ok
     assert torch.allclose(load_runtime(tmp_path / "seg.pt2", "torch")(images), expected, atol=1e-4)
+    assert torch.allclose(load_runtime(tmp_path / "seg.pt2", "torch")(other), expected_other, atol=1e-4)
 
 
 @pytest.mark.isolated
