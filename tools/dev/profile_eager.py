@@ -1,17 +1,21 @@
 """Where our eager inference spends its time: torch.profiler's operator table for one backbone and input size.
 
-    .venv/bin/python tools/dev/profile_eager.py [--variant b2] [--size 512x512] [--runs 3] [--rows 15]
+    .venv/bin/python tools/dev/profile_eager.py [--variant b2] [--size 512x512] [--runs 3] [--rows 15] [--openvino]
 
 Prints the median time of a forward pass (inference mode, after warm-up) and the operators sorted by self CPU time
-per pass, each with its share. Random weights; nothing is downloaded. A diagnostic, not a benchmark: timing is for
-``tools/benchmark.py``.
+per pass, each with its share. ``--openvino`` adds the same model exported to ONNX, fixed to the input's shape and
+run by OpenVINO fp32 with its per-layer counters (``PERF_COUNT``), summed per layer type. Random weights; nothing is
+downloaded. A diagnostic, not a benchmark: timing is for ``tools/benchmark.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -26,6 +30,7 @@ def main() -> None:
     parser.add_argument("--size", type=image_size_argument, default=image_size_argument("512x512"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--openvino", action="store_true", help="also OpenVINO's per-layer times (static shape)")
     args = parser.parse_args()
     model = getattr(PVTv2Backbone, args.variant)().eval()
     x = torch.randn(args.size.batch, 3, args.size.height, args.size.width)
@@ -47,6 +52,43 @@ def main() -> None:
         per_pass = event.self_cpu_time_total / args.runs / 1e3
         share = event.self_cpu_time_total / total
         print(f"{event.key:55s} {per_pass:8.2f} ms {share:6.1%}  x{event.count // args.runs}")
+    if args.openvino:
+        _print_openvino_layers(model, x, args.runs, args.rows)
+
+
+def _print_openvino_layers(model: torch.nn.Module, x: torch.Tensor, runs: int, rows: int) -> None:
+    """OpenVINO fp32's per-layer counters for ``model`` at ``x``'s shape, summed per layer type, per pass."""
+    import openvino
+
+    from pvt_backbone.export import export_onnx
+    from pvt_backbone.export_openvino import convert_openvino
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = export_onnx(model, x, Path(directory) / "model.onnx")
+        static = convert_openvino(path, shape=tuple(x.shape))
+    # compile_openvino's settings (fp32, no pinning, torch's thread count) plus the per-layer counters
+    config = {
+        "PERF_COUNT": True,
+        "INFERENCE_PRECISION_HINT": "f32",
+        "ENABLE_CPU_PINNING": False,
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    }
+    request = openvino.Core().compile_model(static, "CPU", config).create_infer_request()
+    totals: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    request.infer({0: x.numpy()})  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        request.infer({0: x.numpy()})
+        times.append(time.perf_counter() - start)
+        for layer in request.profiling_info:
+            totals[layer.node_type] += layer.real_time.total_seconds() * 1e3 / runs
+            counts[layer.node_type] += 1
+    print(f"\nOpenVINO fp32, static shape: median {statistics.median(times) * 1e3:.1f} ms per pass")
+    overall = sum(totals.values())
+    for node_type, per_pass in totals.most_common(rows):
+        print(f"{node_type:55s} {per_pass:8.2f} ms {per_pass / overall:6.1%}  x{counts[node_type] // runs}")
 
 
 if __name__ == "__main__":
