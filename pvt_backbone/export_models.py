@@ -30,12 +30,12 @@ data-dependent subset per level. Candidates beyond ``candidates`` per image are 
 result equals the eager one whenever the eager NMS keeps ``detections_per_img`` boxes from those candidates or fewer
 candidates pass the score threshold (always true at the defaults with a handful of classes).
 
-Sizes: every wrapper exports with a dynamic batch, height and width by default. Detectors take sides from 160 px
-(``DETECTOR_MIN_SIZE``: every pyramid level, down to stride 128 for RetinaNet/FCOS, must be at least 2x2 while
-tracing), segmenters from 64 px. Two things make that possible: RoI pooling takes each level's scale from the
-backbone's declared strides instead of dividing (symbolic) map sizes, and ``resize_bilinear`` always interpolates
-while exporting instead of comparing sizes. Keypoint R-CNN is not supported: its keypoint decoding resizes every
-RoI's heatmap to that box's own size, a data-dependent shape.
+Sizes: every wrapper exports with a dynamic batch, height and width by default, with sides from
+:func:`min_dynamic_size`: torch.export needs every pyramid level at least 2x2 while tracing, so 160 px for
+RetinaNet/FCOS (levels down to stride 128), 96 px for the R-CNNs (stride 64) and 64 px for segmenters. Two things make
+that possible: RoI pooling takes each level's scale from the backbone's declared strides instead of dividing (symbolic)
+map sizes, and ``resize_bilinear`` always interpolates while exporting instead of comparing sizes. Keypoint R-CNN is not
+supported: its keypoint decoding resizes every RoI's heatmap to that box's own size, a data-dependent shape.
 
 Example:
     >>> from pvt_backbone.detection import retinanet_pvt_v2_fpn
@@ -97,7 +97,7 @@ __all__ = [
     "verify_model_outputs",
     "export_verified_model_onnx",
     "save_verified_model_program",
-    "DETECTOR_MIN_SIZE",
+    "min_dynamic_size",
 ]
 
 DETECTION_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
@@ -106,8 +106,6 @@ SEGMENTATION_OUTPUTS = ("logits", "labels")
 # Score given to invalid candidates: below every real score (probabilities are >= 0), above nothing.
 _INVALID = -1.0
 _PAD_MULTIPLE = 32
-# Smallest dynamic side of RetinaNet/FCOS: torch.export needs every pyramid level (down to stride 128) at least 2x2.
-DETECTOR_MIN_SIZE = 160
 
 
 @torch.library.custom_op("pvt_backbone::nms_mask", mutates_args=())
@@ -443,6 +441,22 @@ def output_names(wrapper: nn.Module) -> list[str]:
     raise TypeError(f"expected an ExportableDetector or ExportableSegmenter, got {type(wrapper).__name__}")
 
 
+def min_dynamic_size(wrapper: nn.Module) -> int:
+    """Smallest side a dynamic-size export of ``wrapper`` takes: the smallest multiple of 32 whose coarsest pyramid
+    level (the detector backbone's largest declared stride) is at least 2 wide; 64 for segmenters.
+
+    Example:
+        >>> from pvt_backbone.detection import fasterrcnn_pvt_v2_fpn, retinanet_pvt_v2_fpn
+        >>> builders = (retinanet_pvt_v2_fpn, fasterrcnn_pvt_v2_fpn)
+        >>> [min_dynamic_size(exportable(build("b0", num_classes=3))) for build in builders]
+        [160, 96]
+    """
+    if not isinstance(wrapper, ExportableDetector):
+        return DEFAULT_MIN_SIZE
+    coarsest = max(wrapper.detector.backbone.strides)
+    return (coarsest // _PAD_MULTIPLE + 1) * _PAD_MULTIPLE
+
+
 def supports_dynamic_size(wrapper: nn.Module) -> bool:
     """Whether the wrapper exports with a dynamic height and width: every detector and segmenter wrapper does."""
     return isinstance(wrapper, (ExportableDetector, ExportableSegmenter))
@@ -473,13 +487,13 @@ def export_model_program(
 
     ``dynamic_size`` (height and width together) defaults to :func:`supports_dynamic_size`; ``example`` is a
     (B, 3, H, W) batch of RGB images in [0, 1], H and W multiples of 32 for detectors. ``min_size``, the smallest
-    dynamic side, defaults to 160 for detectors (``DETECTOR_MIN_SIZE``; trace them at that size or above).
+    dynamic side, defaults to :func:`min_dynamic_size` (trace at that size or above).
     """
     wrapper = exportable(model)
     _check_whole_example(wrapper, example)
     dynamic = supports_dynamic_size(wrapper) if dynamic_size is None else dynamic_size
     if min_size is None:
-        min_size = DETECTOR_MIN_SIZE if isinstance(wrapper, ExportableDetector) else DEFAULT_MIN_SIZE
+        min_size = min_dynamic_size(wrapper)
     shapes = _dynamic_shapes(
         example, dynamic_batch=dynamic_batch, dynamic_height=dynamic, dynamic_width=dynamic, min_size=min_size
     )

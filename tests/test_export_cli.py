@@ -90,7 +90,7 @@ def test_failed_verification_leaves_nothing_at_the_output_path(
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["--model", "fasterrcnn", "--size", "64x64", "--verify-size", "192x192"], ["--size 64x64", "160"]),
+        (["--model", "fasterrcnn", "--size", "64x64", "--verify-size", "192x192"], ["--size 64x64", "96"]),
         (["--model", "fasterrcnn", "--static-size", "--size", "64x64", "--verify-size", "96x64"], ["--verify-size"]),
         (["--model", "retinanet", "--size", "64x64", "--verify-size", "192x192"], ["--size 64x64", "160"]),
         (["--model", "fcos", "--size", "160x170", "--verify-size", "192x192"], ["--size 160x170", "32"]),

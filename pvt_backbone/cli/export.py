@@ -9,10 +9,10 @@ and/or OpenVINO (fp32, optionally INT8), verified at a second size against the e
 
 Whole models (--model retinanet/fcos/fasterrcnn/maskrcnn/segmenter) take RGB images in [0, 1] at the exported size
 (heights and widths multiples of 32 for detectors; normalisation is inside) and return fixed-size outputs (boxes,
-scores, labels, num_detections [, masks]), with dynamic sizes from 160 px for detectors (64 px for segmenters)
-unless --static-size. --to openvino writes <out>.xml/.bin (through ONNX) and, with --int8, <out>.int8.xml/.bin
-calibrated on --calibration (a folder of images or "synthetic") and prints its feature cosine similarity to fp32 on
-held-out synthetic scenes.
+scores, labels, num_detections [, masks]), with dynamic sizes unless --static-size: from 160 px for RetinaNet and FCOS,
+96 px for the R-CNNs, 64 px for segmenters. --to openvino writes <out>.xml/.bin (through ONNX) and, with --int8,
+<out>.int8.xml/.bin calibrated on --calibration (a folder of images or "synthetic") and prints its feature cosine
+similarity to fp32 on held-out synthetic scenes.
 
 The sizes are checked before anything is exported: both at least the model's smallest input, --verify-size at least
 64x64 with a dynamic size (torch.export needs every stage map of the dynamic range to be at least 2), and equal to
@@ -121,10 +121,11 @@ def _check_sizes(args: argparse.Namespace, model: nn.Module, example: Tensor, ch
 
 
 def _check_whole_sizes(args: argparse.Namespace, model: nn.Module, example: Tensor, check: Tensor) -> None:
-    from ..export_models import DETECTOR_MIN_SIZE, exportable, supports_dynamic_size
+    from ..export_models import exportable, min_dynamic_size, supports_dynamic_size
 
-    dynamic = supports_dynamic_size(exportable(model)) and not args.static_size
-    smallest = DEFAULT_MIN_SIZE if args.model == "segmenter" else DETECTOR_MIN_SIZE
+    wrapper = exportable(model)
+    dynamic = supports_dynamic_size(wrapper) and not args.static_size
+    smallest = min_dynamic_size(wrapper)
     for name, x in (("--size", example), ("--verify-size", check)):
         if args.model != "segmenter" and (x.shape[-2] % 32 or x.shape[-1] % 32):
             raise ValueError(f"{name} {x.shape[-2]}x{x.shape[-1]}: detector sizes must be multiples of 32")
