@@ -223,7 +223,7 @@ class ExportableDetector(nn.Module):
 
     @property
     def dense(self) -> bool:
-        """RetinaNet or FCOS (dynamic sizes export); otherwise an R-CNN."""
+        """RetinaNet or FCOS (dense heads); otherwise an R-CNN."""
         return isinstance(self.detector, (RetinaNet, FCOS))
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:

@@ -95,7 +95,7 @@ def compile_openvino(
 
     ``pinning`` sets ``ENABLE_CPU_PINNING``; ``None`` keeps the plugin's default (on, on Linux). Off by default here:
     a pinned thread cannot leave a core another process keeps busy, so with one of two cores busy the pinned model
-    ran 4.8-16x slower than quiet and the unpinned one 1.6-1.9x, at the same quiet speed (README, "Runtimes").
+    ran up to 12x slower than quiet and the unpinned one at most 2x, at the same quiet speed (README, "Runtimes").
     """
     check_choice("precision", precision, PRECISIONS)
     if pinning is not None and not isinstance(pinning, bool):

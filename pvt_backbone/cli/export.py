@@ -121,19 +121,19 @@ def _check_sizes(args: argparse.Namespace, model: nn.Module, example: Tensor, ch
 
 
 def _check_whole_sizes(args: argparse.Namespace, model: nn.Module, example: Tensor, check: Tensor) -> None:
-    from ..export_models import exportable, min_dynamic_size, supports_dynamic_size
+    from ..export_models import exportable, min_dynamic_size
 
-    wrapper = exportable(model)
-    dynamic = supports_dynamic_size(wrapper) and not args.static_size
-    smallest = min_dynamic_size(wrapper)
+    smallest = min_dynamic_size(exportable(model))
     for name, x in (("--size", example), ("--verify-size", check)):
         if args.model != "segmenter" and (x.shape[-2] % 32 or x.shape[-1] % 32):
             raise ValueError(f"{name} {x.shape[-2]}x{x.shape[-1]}: detector sizes must be multiples of 32")
-        if dynamic and min(x.shape[-2:]) < smallest:
-            raise ValueError(f"{name} {x.shape[-2]}x{x.shape[-1]} is below {smallest} px, the smallest dynamic size")
-    if not dynamic and check.shape[-2:] != example.shape[-2:]:
-        fixed = "with --static-size" if args.static_size else f"for --model {args.model}"
-        raise ValueError(f"--verify-size must equal --size {fixed} (the export takes one height and width)")
+        if not args.static_size and min(x.shape[-2:]) < smallest:
+            raise ValueError(
+                f"{name} {x.shape[-2]}x{x.shape[-1]} is below {smallest} px, the smallest dynamic size "
+                "(--static-size exports at --size only)"
+            )
+    if args.static_size and check.shape[-2:] != example.shape[-2:]:
+        raise ValueError("--verify-size must equal --size with --static-size (the export takes one height and width)")
     if args.static_batch and check.shape[0] != example.shape[0]:
         raise ValueError(f"--verify-size batch {check.shape[0]} differs from --size batch with --static-batch")
 
