@@ -255,7 +255,8 @@ def runtime_runs(
     runs["onnxruntime fp32"] = _onnxruntime_run(onnx_path, settings.threads)
     calibration = scene_images(settings.calibration, case, "train") if settings.int8 else None
     if calibration is not None:
-        scenes = scene_images(settings.calibration, _onnxruntime_calibration_size(case), "train")
+        ort_case = _onnxruntime_calibration_size(case)
+        scenes = calibration if ort_case == case else scene_images(settings.calibration, ort_case, "train")
         runs["onnxruntime int8"] = _onnxruntime_run(
             _onnxruntime_int8(onnx_path, scenes, onnx_path.parent), settings.threads
         )
