@@ -95,16 +95,24 @@ class PVTv2Stage(nn.Module):
         Under torch.fx symbolic tracing (``x`` a ``torch.fx.Proxy``) only the plain ``Block.forward`` loop is
         recorded: the batch-size test, the inference path and checkpointing branch on values a proxy does not have.
         """
-        if self.downsample is not None:
-            x = self.downsample(x.permute(0, 3, 1, 2))
         if isinstance(x, torch.fx.Proxy):
+            if self.downsample is not None:
+                x = self.downsample(x.permute(0, 3, 1, 2))
             for block in self.blocks:
                 x = block(x)
             return self.norm(x)
+        # The one place the inference path is chosen: same function, fewer allocations (see fast_inference).
+        fast = self.fast_inference and fast_inference.applies(self)
+        if self.downsample is not None:
+            x = x.permute(0, 3, 1, 2)
+            x = fast_inference.patch_embed_forward(self.downsample, x) if fast else self.downsample(x)
         if x.shape[0] == 0:  # an empty batch: every block maps it to itself, and attention cannot reshape nothing
             return self.norm(x)
-        # The one place the inference path is chosen: same function, fewer allocations (see fast_inference).
-        if self.fast_inference and fast_inference.applies(self):
+        return self.norm(self._blocks_forward(x, fast=fast))
+
+    def _blocks_forward(self, x: Tensor, *, fast: bool) -> Tensor:
+        """The blocks on (B, H, W, C) tokens: the inference path, checkpointed, or plain."""
+        if fast:
             for block in self.blocks:
                 x = fast_inference.block_forward(block, x)
         elif self.grad_checkpointing and torch.is_grad_enabled():
@@ -113,7 +121,7 @@ class PVTv2Stage(nn.Module):
         else:
             for block in self.blocks:
                 x = block(x)
-        return self.norm(x)
+        return x
 
 
 class PVTv2Trunk(nn.Module):

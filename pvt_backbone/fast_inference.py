@@ -12,7 +12,14 @@ What differs from ``Block.forward``:
 * on CPU, once the MLP's hidden activation (``mlp_ratio``, 4-8 times wider than the tokens) would exceed
   ``MLP_CHUNK_ELEMENTS``, the MLP runs on groups of whole images or, for large images, on bands of rows
   (fc1 -> depthwise 3x3 -> GELU -> fc2 on a few rows plus a one-row halo), so the hidden activation stays in cache
-  instead of being allocated at full size: a large fresh allocation costs a page fault per 4 KiB page on every call.
+  instead of being allocated at full size: a large fresh allocation costs a page fault per 4 KiB page on every call;
+* on CPU in fp32 (no autocast), the linear layers and the dense convolutions (spatial reduction, patch embedding of
+  stages 2-4) run oneDNN's kernels on weights kept in oneDNN's own layout (:func:`linear`, :func:`conv2d`), with the
+  bias added inside the kernel. PyTorch's ``F.linear`` calls MKL, which on AMD CPUs runs its AVX2 code and writes the
+  bias into the output in a separate pass; ``F.conv2d`` re-lays out its weight on every call. The reordered weights are
+  made on first use and made again when a weight changes (a new tensor, or an in-place write such as
+  ``load_state_dict`` or an optimizer step); they live as long as the weight does. They cost memory about the size
+  of those weights (some 100 MB for b2), which ``model.set_fast_inference(False)`` avoids.
 
 Example:
     >>> model = PVTv2Backbone.b0(out_indices=(0,)).eval()
@@ -28,19 +35,25 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .layers import Block, MlpDWConv, SpatialReductionAttention, to_map, to_tokens
+from .layers import Block, MlpDWConv, OverlapPatchEmbed, SpatialReductionAttention, to_map, to_tokens
 
-__all__ = ["MLP_CHUNK_ELEMENTS", "applies", "block_forward"]
+__all__ = ["MLP_CHUNK_ELEMENTS", "applies", "block_forward", "conv2d", "linear", "patch_embed_forward"]
 
 # Upper bound on the elements of one MLP hidden chunk on CPU (16 MiB in fp32): below glibc's 32 MiB ceiling for
 # serving allocations with fresh mmap pages, so chunk buffers are reused from the heap without page faults; largely
 # cache-resident between fc1, the depthwise conv, GELU and fc2; and few enough chunks that per-op thread
 # synchronisation stays negligible, also when other processes compete for the cores.
-MLP_CHUNK_ELEMENTS = 1 << 22
+MLP_CHUNK_ELEMENTS = 1 << 21
+
+# weight -> (what it was made from, the weight in oneDNN's layout); weak keys, so an entry goes with its weight.
+_REORDERED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def applies(module: nn.Module) -> bool:
@@ -56,6 +69,89 @@ def block_forward(block: Block, x: Tensor) -> Tensor:
         return block(x)
     x = _attention_residual(block.attn, block.norm1(x), residual=x)  # a new tensor, so the MLP may write into it
     return _mlp_residual(block.mlp, block.norm2(x), residual=x)
+
+
+def patch_embed_forward(embed: OverlapPatchEmbed, x: Tensor) -> Tensor:
+    """``embed(x)`` for a (B, C_in, H, W) map in eval mode without autograd: (B, H', W', C) tokens."""
+    if _has_hooks(embed):
+        return embed(x)
+    return embed.norm(to_tokens(conv2d(embed.proj, x)))
+
+
+def linear(module: nn.Linear, x: Tensor) -> Tensor:
+    """``module(x)`` for (..., C_in) ``x`` in eval mode without autograd; oneDNN's fp32 kernel on CPU where it applies.
+
+    Example:
+        >>> layer = nn.Linear(8, 4).eval()
+        >>> x = torch.randn(2, 3, 8)
+        >>> with torch.inference_mode():
+        ...     out = linear(layer, x)
+        >>> out.shape, torch.allclose(out, layer(x), atol=1e-6)
+        (torch.Size([2, 3, 4]), True)
+    """
+    if type(module) is not nn.Linear or not _onednn_applies(module, x):
+        return module(x)
+    weight = _reordered(module.weight, None, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, module.bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def conv2d(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """``module(x)`` for a (B, C_in, H, W) map in eval mode without autograd; oneDNN's fp32 kernel on CPU for dense
+    (``groups=1``) zero-padded convolutions, whose output is channels-last.
+
+    Example:
+        >>> conv = nn.Conv2d(8, 16, 3, stride=2, padding=1).eval()
+        >>> x = torch.randn(1, 8, 9, 9)
+        >>> with torch.inference_mode():
+        ...     out = conv2d(conv, x)
+        >>> out.shape, torch.allclose(out, conv(x), atol=1e-5)
+        (torch.Size([1, 16, 5, 5]), True)
+    """
+    if (
+        type(module) is not nn.Conv2d
+        or module.groups != 1
+        or module.padding_mode != "zeros"
+        or isinstance(module.padding, str)
+        or not _onednn_applies(module, x)
+    ):
+        return module(x)
+    x = x.contiguous(memory_format=torch.channels_last)
+    padding, stride, dilation = list(module.padding), list(module.stride), list(module.dilation)
+
+    def reorder(weight: Tensor) -> Tensor:
+        # oneDNN picks the weight layout for the input's shape; the entry is remade when the shape changes.
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), padding, stride, dilation, 1, list(x.shape)
+        )
+
+    weight = _reordered(module.weight, tuple(x.shape), reorder)
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, module.bias, padding, stride, dilation, 1, "none", [], "")
+
+
+def _onednn_applies(module: nn.Linear | nn.Conv2d, x: Tensor) -> bool:
+    """Whether ``module`` may run oneDNN's fp32 kernel on ``x``: CPU, fp32 throughout, no autocast, no hooks."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and module.weight.dtype == torch.float32
+        and (module.bias is None or module.bias.dtype == torch.float32)
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not _has_hooks(module)
+    )
+
+
+def _reordered(weight: Tensor, shape: tuple[int, ...] | None, reorder: Callable[[Tensor], Tensor]) -> Tensor:
+    """``reorder(weight)``, cached until ``weight`` is written (its version), moved, or asked for another ``shape``."""
+    stamp = (weight.data_ptr(), weight._version, shape)
+    entry = _REORDERED.get(weight)
+    if entry is None or entry[0] != stamp:
+        entry = (stamp, reorder(weight.detach()))
+        _REORDERED[weight] = entry
+    return entry[1]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -78,7 +174,27 @@ def _add_into(out: Tensor, other: Tensor) -> Tensor:
 
 def _attention_residual(attn: SpatialReductionAttention, x: Tensor, residual: Tensor) -> Tensor:
     """``residual + attn(x)`` as a new tensor (neither input is written)."""
-    return _add_into(attn.proj(attn.attend(x)), residual)
+    return _add_into(linear(attn.proj, _attend(attn, x)), residual)
+
+
+def _attend(attn: SpatialReductionAttention, x: Tensor) -> Tensor:
+    """``attn.attend(x)`` (eval, no autograd) with its projections and reduction conv through :func:`linear` and
+    :func:`conv2d`: (B, H, W, C) -> (B, H, W, C)."""
+    batch, height, width, dim = x.shape
+    head_dim = dim // attn.num_heads
+    q = linear(attn.q, x).reshape(batch, height * width, attn.num_heads, head_dim).transpose(1, 2)
+    kv_source = x
+    if attn.sr is not None and attn.norm is not None:
+        reduced = to_map(x)
+        if attn.pool is not None:
+            reduced = attn.pool(reduced)
+        kv_source = attn.norm(to_tokens(conv2d(attn.sr, reduced)))
+        if attn.act is not None:
+            kv_source = attn.act(kv_source)
+    kv = linear(attn.kv, kv_source).reshape(batch, -1, 2, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, height, width, dim)  # a view: SDPA lays heads out inside tokens
 
 
 def _mlp_residual(mlp: MlpDWConv, x: Tensor, residual: Tensor) -> Tensor:
@@ -95,11 +211,11 @@ def _mlp_residual(mlp: MlpDWConv, x: Tensor, residual: Tensor) -> Tensor:
         or residual.shape != x.shape
         or torch.is_autocast_enabled("cpu")
     ):
-        return _add_into(mlp.fc2(_mlp_hidden(mlp, x)), residual)
+        return _add_into(linear(mlp.fc2, _mlp_hidden(mlp, x)), residual)
     if per_image <= MLP_CHUNK_ELEMENTS:
         step = MLP_CHUNK_ELEMENTS // per_image
         for start in range(0, batch, step):
-            residual[start : start + step].add_(mlp.fc2(_mlp_hidden(mlp, x[start : start + step])))
+            residual[start : start + step].add_(linear(mlp.fc2, _mlp_hidden(mlp, x[start : start + step])))
         return residual
     for index in range(batch):
         _mlp_rows_into(mlp, x[index], residual[index])
@@ -108,7 +224,7 @@ def _mlp_residual(mlp: MlpDWConv, x: Tensor, residual: Tensor) -> Tensor:
 
 def _mlp_hidden(mlp: MlpDWConv, x: Tensor) -> Tensor:
     """fc1 -> [ReLU] -> depthwise conv -> GELU (in place): (B, H, W, C) -> (B, H, W, C_hidden)."""
-    x = mlp.fc1(x)
+    x = linear(mlp.fc1, x)
     if mlp.relu is not None:
         x = x.relu_()
     return torch.ops.aten.gelu_(to_tokens(mlp.dwconv(to_map(x))), approximate=mlp.act.approximate)
@@ -143,4 +259,4 @@ def _mlp_rows_into(mlp: MlpDWConv, x: Tensor, residual: Tensor) -> None:
         band = to_map(window[None, : stop - start + 2])  # (1, C_h, rows + 2, W), channels-last
         band = F.conv2d(band, mlp.dwconv.weight, mlp.dwconv.bias, padding=(0, 1), groups=hidden)
         band = torch.ops.aten.gelu_(to_tokens(band)[0], approximate=mlp.act.approximate)
-        residual[start:stop].add_(mlp.fc2(band))
+        residual[start:stop].add_(linear(mlp.fc2, band))

@@ -209,3 +209,57 @@ def test_forward_hooks_on_a_block_still_fire(tiny_config: PVTv2Config) -> None:
         plain = model(x)
     for key in plain:
         torch.testing.assert_close(hooked[key], plain[key], rtol=1e-5, atol=1e-5)
+
+
+def _plain(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    model.set_fast_inference(False)
+    with torch.no_grad():
+        out = model(x)
+    model.set_fast_inference(True)
+    return out
+
+
+def test_reordered_weights_follow_weight_changes_and_input_sizes(tiny_config: PVTv2Config) -> None:
+    """The oneDNN copies of the weights are remade after in-place writes and for each input size, never stale."""
+    model = PVTv2Backbone(tiny_config).eval()
+    other = PVTv2Backbone(tiny_config).eval()
+    _random_biases(other)
+    small, large = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        model(small), model(large)  # fills the cache for both sizes
+        model.load_state_dict(other.state_dict())  # copies in place: same tensors, new versions
+        after_load = {"small": model(small), "large": model(large)}
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+        after_scale = model(small)
+    for key, expected in other(small).items():
+        torch.testing.assert_close(after_load["small"][key], expected, rtol=1e-5, atol=1e-5)
+    for key, expected in other(large).items():
+        torch.testing.assert_close(after_load["large"][key], expected, rtol=1e-5, atol=1e-5)
+    for key, expected in _plain(model, small).items():
+        torch.testing.assert_close(after_scale[key], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_hooks_on_a_linear_or_conv_still_fire(tiny_config: PVTv2Config) -> None:
+    model = PVTv2Backbone(tiny_config).eval()
+    seen: list[str] = []
+    attn = model.stages[0].blocks[0].attn
+    attn.q.register_forward_hook(lambda module, inputs, output: seen.append("q"))
+    attn.sr.register_forward_hook(lambda module, inputs, output: seen.append("sr"))
+    model.stages[1].downsample.proj.register_forward_pre_hook(lambda module, inputs: seen.append("embed"))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert sorted(seen) == ["embed", "q", "sr"]
+
+
+def test_linear_and_conv2d_fall_back_outside_fp32_cpu() -> None:
+    """float64, autocast and string padding take the module's own forward, with its result exactly."""
+    layer, conv = torch.nn.Linear(8, 4).double(), torch.nn.Conv2d(4, 4, 3, padding="same")
+    x, image = torch.randn(3, 8, dtype=torch.float64), torch.randn(1, 4, 5, 5)
+    with torch.inference_mode():
+        assert torch.equal(fast_inference.linear(layer, x), layer(x))
+        assert torch.equal(fast_inference.conv2d(conv, image), conv(image))
+        layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lowered = fast_inference.linear(layer, x.float())
+        assert lowered.dtype == torch.bfloat16
