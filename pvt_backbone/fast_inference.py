@@ -15,11 +15,11 @@ What differs from ``Block.forward``:
   instead of being allocated at full size: a large fresh allocation costs a page fault per 4 KiB page on every call;
 * on CPU in fp32 (no autocast), the linear layers and the dense convolutions (spatial reduction, patch embedding of
   stages 2-4) run oneDNN's kernels on weights kept in oneDNN's own layout (:func:`linear`, :func:`conv2d`), with the
-  bias added inside the kernel. PyTorch's ``F.linear`` calls MKL, which on AMD CPUs runs its AVX2 code and writes the
-  bias into the output in a separate pass; ``F.conv2d`` re-lays out its weight on every call. The reordered weights are
-  made on first use and made again when a weight changes (a new tensor, or an in-place write such as
-  ``load_state_dict`` or an optimizer step); they live as long as the weight does. They cost memory about the size
-  of those weights (some 100 MB for b2), which ``model.set_fast_inference(False)`` avoids.
+  bias added inside the kernel. PyTorch's ``F.linear`` calls MKL, which writes the bias into the output in a pass of
+  its own and, on the AMD CPU measured, multiplies more slowly; ``F.conv2d`` re-lays out its weight on every call.
+  The reordered weights are made on first use and made again when a weight changes (a new tensor, or an in-place
+  write such as ``load_state_dict`` or an optimizer step); they live as long as the weight does. They cost memory
+  about the size of those weights (94 MiB for b2), which ``model.set_fast_inference(False)`` avoids.
 
 Example:
     >>> model = PVTv2Backbone.b0(out_indices=(0,)).eval()
@@ -46,10 +46,11 @@ from .layers import Block, MlpDWConv, OverlapPatchEmbed, SpatialReductionAttenti
 
 __all__ = ["MLP_CHUNK_ELEMENTS", "applies", "block_forward", "conv2d", "linear", "patch_embed_forward"]
 
-# Upper bound on the elements of one MLP hidden chunk on CPU (16 MiB in fp32): below glibc's 32 MiB ceiling for
+# Upper bound on the elements of one MLP hidden chunk on CPU (8 MiB in fp32): below glibc's 32 MiB ceiling for
 # serving allocations with fresh mmap pages, so chunk buffers are reused from the heap without page faults; largely
 # cache-resident between fc1, the depthwise conv, GELU and fc2; and few enough chunks that per-op thread
-# synchronisation stays negligible, also when other processes compete for the cores.
+# synchronisation stays negligible, also when other processes compete for the cores. 2^21 beat 2^22 by 1-5% on a
+# 2-core AMD EPYC with 16 MiB of L3 (tools/dev/ab_fast_inference.py); 2^19 and below lose to per-op overhead.
 MLP_CHUNK_ELEMENTS = 1 << 21
 
 # weight -> (what it was made from, the weight in oneDNN's layout); weak keys, so an entry goes with its weight.
