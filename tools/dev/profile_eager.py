@@ -1,10 +1,13 @@
 """Where our eager inference spends its time: torch.profiler's operator table for one backbone and input size.
 
     .venv/bin/python tools/dev/profile_eager.py [--variant b2] [--size 512x512] [--runs 3] [--rows 15] [--openvino]
+        [--onnxruntime]
 
 Prints the median time of a forward pass (inference mode, after warm-up) and the operators sorted by self CPU time
 per pass, each with its share. ``--openvino`` adds the same model exported to ONNX, fixed to the input's shape and
-run by OpenVINO fp32 with its per-layer counters (``PERF_COUNT``), summed per layer type. Random weights; nothing is
+run by OpenVINO fp32 with its per-layer counters (``PERF_COUNT``), summed per layer type; ``--onnxruntime`` the
+dynamic-shape export in onnxruntime with its own profiler (``SessionOptions.enable_profiling``), summed per operator
+type. Random weights; nothing is
 downloaded. A diagnostic, not a benchmark: timing is for ``tools/benchmark.py``.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import statistics
 import tempfile
 import time
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--openvino", action="store_true", help="also OpenVINO's per-layer times (static shape)")
+    parser.add_argument("--onnxruntime", action="store_true", help="also onnxruntime's per-operator times (dynamic)")
     args = parser.parse_args()
     model = getattr(PVTv2Backbone, args.variant)().eval()
     x = torch.randn(args.size.batch, 3, args.size.height, args.size.width)
@@ -54,6 +59,43 @@ def main() -> None:
         print(f"{event.key:55s} {per_pass:8.2f} ms {share:6.1%}  x{event.count // args.runs}")
     if args.openvino:
         _print_openvino_layers(model, x, args.runs, args.rows)
+    if args.onnxruntime:
+        _print_onnxruntime_operators(model, x, args.runs, args.rows)
+
+
+def _print_onnxruntime_operators(model: torch.nn.Module, x: torch.Tensor, runs: int, rows: int) -> None:
+    """onnxruntime fp32's kernel times for the dynamic-shape export of ``model`` at ``x``, per operator type."""
+    import onnxruntime
+
+    from pvt_backbone.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = export_onnx(model, x, Path(directory) / "model.onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(directory) / "profile")
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        session.run(None, feed)  # warm-up, left out of the sums below
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    passes = [e for e in events if e.get("name") == "model_run"]
+    timed_from = passes[1]["ts"] if len(passes) > 1 else 0  # microseconds; skips the warm-up pass
+    totals: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= timed_from:
+            totals[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+            counts[event["args"]["op_name"]] += 1
+    print(f"\nonnxruntime fp32, dynamic shape: median {statistics.median(times) * 1e3:.1f} ms per pass")
+    overall = sum(totals.values())
+    for op_type, per_pass in totals.most_common(rows):
+        print(f"{op_type:55s} {per_pass:8.2f} ms {per_pass / overall:6.1%}  x{counts[op_type] // runs}")
 
 
 def _print_openvino_layers(model: torch.nn.Module, x: torch.Tensor, runs: int, rows: int) -> None:
