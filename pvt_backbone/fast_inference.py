@@ -175,27 +175,7 @@ def _add_into(out: Tensor, other: Tensor) -> Tensor:
 
 def _attention_residual(attn: SpatialReductionAttention, x: Tensor, residual: Tensor) -> Tensor:
     """``residual + attn(x)`` as a new tensor (neither input is written)."""
-    return _add_into(linear(attn.proj, _attend(attn, x)), residual)
-
-
-def _attend(attn: SpatialReductionAttention, x: Tensor) -> Tensor:
-    """``attn.attend(x)`` (eval, no autograd) with its projections and reduction conv through :func:`linear` and
-    :func:`conv2d`: (B, H, W, C) -> (B, H, W, C)."""
-    batch, height, width, dim = x.shape
-    head_dim = dim // attn.num_heads
-    q = linear(attn.q, x).reshape(batch, height * width, attn.num_heads, head_dim).transpose(1, 2)
-    kv_source = x
-    if attn.sr is not None and attn.norm is not None:
-        reduced = to_map(x)
-        if attn.pool is not None:
-            reduced = attn.pool(reduced)
-        kv_source = attn.norm(to_tokens(conv2d(attn.sr, reduced)))
-        if attn.act is not None:
-            kv_source = attn.act(kv_source)
-    kv = linear(attn.kv, kv_source).reshape(batch, -1, 2, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    k, v = kv.unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(batch, height, width, dim)  # a view: SDPA lays heads out inside tokens
+    return _add_into(linear(attn.proj, attn.attend(x, linear=linear, conv2d=conv2d)), residual)
 
 
 def _mlp_residual(mlp: MlpDWConv, x: Tensor, residual: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "init_weights",
     "to_map",
     "to_tokens",
+    "call_module",
     "adaptive_avg_pool2d_matmul",
     "pool_matrix",
     "LINEAR_POOL_SIZE",
@@ -50,6 +51,11 @@ def to_map(tokens: Tensor) -> Tensor:
 def to_tokens(feature_map: Tensor) -> Tensor:
     """(B, C, H, W) map -> (B, H, W, C) view."""
     return feature_map.permute(0, 2, 3, 1)
+
+
+def call_module(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``: the default way :meth:`SpatialReductionAttention.attend` applies its layers."""
+    return module(x)
 
 
 def pool_matrix(size: int, output_size: int, like: Tensor) -> Tensor:
@@ -155,21 +161,31 @@ class SpatialReductionAttention(nn.Module):
         """(B, H, W, C) normalized tokens -> (B, H, W, C) attention output."""
         return self.proj_drop(self.proj(self.attend(x)))
 
-    def attend(self, x: Tensor) -> Tensor:
-        """Heads' attention outputs, concatenated: (B, H, W, C), before the output projection."""
+    def attend(
+        self,
+        x: Tensor,
+        *,
+        linear: Callable[[nn.Linear, Tensor], Tensor] = call_module,
+        conv2d: Callable[[nn.Conv2d, Tensor], Tensor] = call_module,
+    ) -> Tensor:
+        """Heads' attention outputs, concatenated: (B, H, W, C), before the output projection.
+
+        ``linear`` and ``conv2d`` apply ``q``/``kv`` and ``sr`` (default: call the module); the inference path passes
+        its oneDNN versions (:mod:`pvt_backbone.fast_inference`).
+        """
         batch, height, width, dim = x.shape
         head_dim = dim // self.num_heads
-        q = self.q(x).reshape(batch, height * width, self.num_heads, head_dim).transpose(1, 2)
+        q = linear(self.q, x).reshape(batch, height * width, self.num_heads, head_dim).transpose(1, 2)
         kv_source = x
         if self.sr is not None and self.norm is not None:
             reduced = to_map(x)
             if self.pool is not None:
                 # ONNX lowers adaptive pooling to fixed windows, wrong at other sizes: export the size-built form.
                 reduced = adaptive_avg_pool2d_matmul(reduced, LINEAR_POOL_SIZE) if _exporting() else self.pool(reduced)
-            kv_source = self.norm(to_tokens(self.sr(reduced)))
+            kv_source = self.norm(to_tokens(conv2d(self.sr, reduced)))
             if self.act is not None:
                 kv_source = self.act(kv_source)
-        kv = self.kv(kv_source).reshape(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        kv = linear(self.kv, kv_source).reshape(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         # SDPA lays its (B, heads, N, head_dim) output out as (B, N, heads, head_dim), so this is a view, not a copy.

@@ -19,10 +19,11 @@ import torch
 import pvt_backbone.fast_inference as fast_inference
 from pvt_backbone import PVTv2Backbone
 from pvt_backbone.cli.arguments import image_size_argument
+from pvt_backbone.layers import call_module
 
 DEFAULT_CHUNK = fast_inference.MLP_CHUNK_ELEMENTS
 ONEDNN = (fast_inference.linear, fast_inference.conv2d)
-MODULE_CALLS = (lambda module, x: module(x), lambda module, x: module(x))
+MODULE_CALLS = (call_module, call_module)
 
 
 def _configure(onednn: bool, chunk: int) -> None:
